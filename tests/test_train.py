@@ -1,0 +1,129 @@
+"""The trainer end to end on tiny models: bad samples, resume, and 2 processes vs 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlpretrain.config import recipe_from_dict
+from vlpretrain.models import load_model
+from vlpretrain.training import train
+
+from helpers import tiny_recipe, write_image_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
+    csv = write_image_csv(tmp_path, 14)
+    (tmp_path / "images" / "img3.png").write_bytes(b"this is not a png")  # corrupt
+    (tmp_path / "images" / "img5.png").unlink()                             # missing
+    val = write_image_csv(tmp_path / "val", 6)
+    cfg = recipe_from_dict(tiny_recipe(tmp_path / "run", csv, val, epochs=2))
+    with caplog.at_level("WARNING"):
+        result = train(cfg)
+    records = _records(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == result.step == 2 * (13 // 4)  # 13 rows survive the missing-file check
+    assert result.skipped_samples >= 1  # the corrupt image, each time the sampler reaches it
+    assert steps[-1]["skipped_samples"] == result.skipped_samples
+    assert "img3.png: not a readable image" in caplog.text  # the corrupt file, named
+    assert "dropped 1 of 14 rows (image file missing)" in caplog.text and "pairs.csv:row 6" in caplog.text
+    vals = [r for r in records if r.get("split") == "val"]
+    assert len(vals) == 2 and 0 <= vals[-1]["image_retrieval_recall@1"] <= 1 and vals[-1]["num_images"] == 6
+    model = load_model(result.final_dir)
+    assert model.encode_text(model.tokenizer(["a red square"])).shape == (1, 16)
+
+
+def test_logit_scale_is_clamped(tmp_path):
+    csv = write_image_csv(tmp_path, 8)
+    recipe = tiny_recipe(tmp_path / "run", csv, lr=1.0, warmup_steps=0)
+    recipe["model"]["init_logit_scale"] = 4.6
+    result = train(recipe_from_dict(recipe))
+    model = load_model(result.final_dir)
+    assert model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
+    csv = write_image_csv(tmp_path, 20)  # 5 batches per epoch
+    settings = dict(epochs=2, checkpoint_every=3, keep_checkpoints=5)
+    full = train(recipe_from_dict(tiny_recipe(tmp_path / "full", csv, **settings)))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(step: int) -> None:
+        if step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **settings)), on_step=stop_at_4)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
+    assert not (tmp_path / "cut" / "final").exists()
+
+    resumed = train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, resume="latest", **settings)))
+    assert resumed.step == full.step == 10
+    steps = [r["step"] for r in _records(tmp_path / "cut") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # step 4 was redone after the interruption
+    a = load_file(str(full.final_dir / "model.safetensors"))
+    b = load_file(str(resumed.final_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_unknown_override_names_nearest_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", tmp_path / "x.csv")))
+    proc = subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", "train", str(recipe), "train.learning_rate=1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("unknown key 'train.learning_rate' (did you mean 'train.lr'?)")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_global_batch(tmp_path):
+    """accelerate launch, 2 gloo processes x batch 4 == 1 process x batch 8, step for step."""
+    csv = write_image_csv(tmp_path, 24)
+    data_aug = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0]}  # deterministic crops on both sides
+    two = tiny_recipe(tmp_path / "two", csv, batch_size=4, epochs=2)
+    one = tiny_recipe(tmp_path / "one", csv, batch_size=8, epochs=2)
+    for recipe in (two, one):
+        recipe["data"]["augmentation"] = data_aug
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate"), "launch",
+           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "vlpretrain.cli.main", "train", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / "two" / "train.rank1.log").exists()  # really two processes
+
+    single = train(recipe_from_dict(one))
+    a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    b = load_file(str(single.final_dir / "model.safetensors"))
+    for key in a:
+        if key.endswith("attn.in_proj_bias"):
+            # The key-bias third has an exact gradient of zero (softmax ignores a shift shared by
+            # all keys), so Adam divides rounding noise by its own size there: compare the rest.
+            width = a[key].shape[0] // 3
+            a[key], b[key] = torch.cat([a[key][:width], a[key][2 * width:]]), torch.cat([b[key][:width], b[key][2 * width:]])
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    losses_two = [r["loss"] for r in _records(tmp_path / "two") if "loss" in r]
+    losses_one = [r["loss"] for r in _records(tmp_path / "one") if "loss" in r]
+    assert len(losses_two) == len(losses_one) == 6
+    assert losses_two == pytest.approx(losses_one, abs=1e-5)

@@ -1,0 +1,35 @@
+"""``vlp``: the command-line front of vlpretrain. Each subcommand parses, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import demo, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlp",
+        description="CLIP-style vision-language pretraining: train dual encoders, evaluate, index.",
+        epilog="Run 'vlp COMMAND --help' for the options of each command.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    train.add_parser(commands)
+    demo.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Configuration and data errors are the user's to fix: one line, no traceback.
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

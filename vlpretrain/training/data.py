@@ -1,0 +1,39 @@
+"""Turn a recipe's ``data`` section into datasets and loaders for the trainer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..config import DataConfig
+
+
+def open_named_corpus(spec: str, data: DataConfig, split: Optional[str] = None) -> Any:
+    """A corpus from a spec: ``emoji:SPLIT`` (the offline demo corpus, built once) or anything
+    :func:`vlpretrain.data.open_corpus` reads (table file, saved / imagefolder dataset, ``hf:NAME``)."""
+    from ..data import build_emoji_corpus, open_corpus
+
+    if spec.startswith("emoji:"):
+        name = spec.split(":", 1)[1] or "train"
+        root = build_emoji_corpus()
+        path = root / f"{name}.csv"
+        if not path.is_file():
+            raise ValueError(f"data: emoji split '{name}' does not exist (use train, val, test or all)")
+        return open_corpus(str(path))
+    return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column)
+
+
+def build_train_dataset(data: DataConfig, model, seed: int):
+    """The training dataset; ``synthetic:N`` gives N copies of one random pair (for benchmarks)."""
+    from ..data import ImageTextDataset
+    from ..data.synthetic import SyntheticPairs
+
+    if not data.train:
+        raise ValueError("data.train is not set: give a corpus (CSV/JSONL/parquet, dataset folder, emoji:train)")
+    if data.train.startswith("synthetic:"):
+        size = int(data.train.split(":", 1)[1])
+        image_size = model.open_clip_config["vision_cfg"].get("image_size", 224)
+        return SyntheticPairs(size, image_size, model.tokenizer)
+    corpus = open_named_corpus(data.train, data, data.split)
+    if len(corpus) == 0:
+        raise ValueError(f"data.train: {data.train} holds no usable rows")
+    return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, caption_choice="random", seed=seed)
