@@ -54,6 +54,7 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
+    cache_locked_text: bool = True
     image_mean: Optional[list] = None
     image_std: Optional[list] = None
 
@@ -185,7 +186,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `no` (as in `precision: no`) as false.
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if annotation in (dict, list) or origin in (dict, list):

@@ -51,6 +51,7 @@ class DualEncoder(nn.Module):
         self.model_config = model_config
         self.open_clip_config = open_clip_config
         self.max_logit_scale = max_logit_scale
+        self.text_cache = None
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -70,7 +71,30 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, context_length) token ids from ``self.tokenizer`` -> (B, embed_dim) features."""
+        if self.text_cache is not None and self.text_transformer_frozen():
+            features = self._encode_text_cached(tokens)
+            return nn.functional.normalize(features, dim=-1) if normalize else features
         return self.clip.encode_text(tokens, normalize=normalize)
+
+    def text_transformer_frozen(self) -> bool:
+        """True when the text tower's transformer is fully locked (its output is a constant)."""
+        text = getattr(self.clip, "text", None)
+        if text is None or not hasattr(text, "transformer") or not hasattr(text, "proj"):
+            return False
+        return not any(p.requires_grad for p in text.transformer.parameters())
+
+    def _encode_text_cached(self, tokens: torch.Tensor) -> torch.Tensor:
+        from .text_cache import hf_frozen_output
+
+        text = self.clip.text
+        pooled = self.text_cache.lookup(tokens, hf_frozen_output(text))
+        return text.proj(pooled)
+
+    def enable_text_cache(self, max_entries: int = 1_000_000) -> None:
+        """Cache the locked text transformer's output per caption (see ``text_cache.py``)."""
+        from .text_cache import LockedTextCache
+
+        self.text_cache = LockedTextCache(max_entries)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalized features of both towers and the (exponentiated) logit scale, ready for a loss."""
@@ -91,6 +115,12 @@ class DualEncoder(nn.Module):
 
     def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         """LiT: freeze the text tower, leaving its last ``unlocked_layers`` layers trainable."""
+        text = getattr(self.clip, "text", None)
+        if unlocked_layers and text is not None and hasattr(text, "transformer") and hasattr(text, "proj"):
+            # open_clip's partial unlock of Hugging Face towers looks up a layer attribute its own
+            # table lacks for BERT; the layer list is found here from the module tree instead.
+            _lock_hf_transformer(text.transformer, unlocked_layers, freeze_layer_norm)
+            return
         self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
 
     def config_dict(self) -> dict:
@@ -112,6 +142,19 @@ class DualEncoder(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
+
+
+def _lock_hf_transformer(transformer: nn.Module, unlocked_layers: int, freeze_layer_norm: bool) -> None:
+    """Freeze a Hugging Face encoder except its last ``unlocked_layers`` blocks."""
+    layers = max((m for m in transformer.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if layers is None or not len(layers):
+        raise ValueError(f"cannot find the layer list of {type(transformer).__name__} to unlock its last layers")
+    if unlocked_layers > len(layers):
+        raise ValueError(f"model.lock_text_unlocked_layers={unlocked_layers}, but the text tower has {len(layers)} layers")
+    trainable = {id(p) for layer in list(layers)[len(layers) - unlocked_layers:] for p in layer.parameters()}
+    for name, param in transformer.named_parameters():
+        is_norm = "LayerNorm" in name.split(".") or "layer_norm" in name or "layernorm" in name
+        param.requires_grad = id(param) in trainable or (is_norm and not freeze_layer_norm)
 
 
 def write_model_files(model: DualEncoder, directory: Path, state_dict: Optional[dict] = None) -> None:

@@ -67,6 +67,8 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
         model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+        if cfg.cache_locked_text and model.text_transformer_frozen():
+            model.enable_text_cache()
     return model
 
 

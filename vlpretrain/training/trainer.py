@@ -155,7 +155,7 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
     sampler = EpochPermutationSampler(len(dataset), seed=tc.seed)
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, collate_fn=collate_image_text,
-                        persistent_workers=False)
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
     val_corpus = open_named_corpus(cfg.data.val, cfg.data, cfg.data.val_split) if cfg.data.val else None
 
     optimizer = create_optimizer(model, tc)
@@ -197,7 +197,7 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
     skipped_local = 0
     val_history: list[dict] = []
     interval_start, interval_samples = time.perf_counter(), 0
-    loss_sum, loss_count = torch.zeros(()), 0
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
     throughput = 0.0
     train_start, train_samples = time.perf_counter(), 0
 
@@ -249,14 +249,14 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
                 samples_seen += global_batch
                 interval_samples += global_batch
                 train_samples += global_batch
-                loss_sum += loss.detach().float().cpu()
+                loss_sum += loss.detach().float()  # stays on the device: no sync per step
                 loss_count += 1
                 bar.update(1)
 
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - interval_start
                     throughput = interval_samples / max(elapsed, 1e-9)
-                    mean_loss = accelerator.reduce(loss_sum.to(accelerator.device), "mean").item() / loss_count
+                    mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count
                     skipped_total = int(accelerator.reduce(torch.tensor(skipped_local, device=accelerator.device), "sum").item())
                     record = {"step": step, "epoch": epoch, "loss": mean_loss,
                               **{k: v.item() for k, v in losses.items()},
@@ -266,7 +266,7 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
                     bar.set_postfix(loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}",
                                     sps=f"{throughput:.0f}", refresh=False)
                     interval_start, interval_samples = time.perf_counter(), 0
-                    loss_sum, loss_count = torch.zeros(()), 0
+                    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
 
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
                     save_checkpoint(accelerator, model, output_dir, checkpoint_state(epoch, batch_in_epoch),

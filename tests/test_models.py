@@ -1,0 +1,145 @@
+"""Dual encoders from every tower kind, locking, and the save / load round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlpretrain import load_model
+from vlpretrain.config import ModelConfig
+from vlpretrain.models import build_model
+from vlpretrain.training.optim import parameter_groups
+
+from helpers import TINY_TEXT, TINY_VISION, tiny_model_config
+
+
+def _check_interface(model, image_size: int) -> None:
+    images = torch.randn(3, 3, image_size, image_size)
+    tokens = model.tokenizer(["a red heart", "grinning face", "a frog"])
+    out = model(images, tokens)
+    assert set(out) == {"image_features", "text_features", "logit_scale"}
+    assert out["image_features"].shape == out["text_features"].shape == (3, model.embed_dim)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(model.encode_text(tokens), out["text_features"], atol=1e-6)
+    raw = model.encode_image(images, normalize=False)
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), out["image_features"], atol=1e-5)
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_open_clip_towers():
+    model = build_model(tiny_model_config())
+    _check_interface(model, 32)
+    from PIL import Image
+
+    assert model.preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_timm_image_tower_and_hf_text_tower():
+    cfg = ModelConfig(arch="ViT-B-32", embed_dim=24, image_tower="timm:resnet10t", text_tower="hf:minilm-l6",
+                      vision={"image_size": 32}, text={"context_length": 16})
+    model = build_model(cfg)
+    assert type(model.clip).__name__ == "CustomTextCLIP"
+    _check_interface(model, 32)
+    # The pretrained MiniLM weights were loaded: a fresh BERT would not give these sentence similarities.
+    text = model.clip.text
+    tokens = model.tokenizer(["a photo of a dog", "a picture of a puppy", "quarterly tax report"])
+    with torch.no_grad():
+        pooled = text.pooler(text.transformer(input_ids=tokens, attention_mask=(tokens != text.config.pad_token_id).long()),
+                             (tokens != text.config.pad_token_id).long())
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.2
+
+
+def test_lit_locking_freezes_towers():
+    cfg = tiny_model_config(text_tower="hf:minilm-l6", lock_text=True, lock_image=True, lock_image_unlocked_groups=1)
+    cfg.text = {"context_length": 16}
+    model = build_model(cfg)
+    text_trainable = {n for n, p in model.clip.text.named_parameters() if p.requires_grad}
+    assert text_trainable and all(n.startswith("proj") for n in text_trainable)  # only the projection
+    visual = {n: p.requires_grad for n, p in model.clip.visual.named_parameters()}
+    assert not all(visual.values()) and any(visual.values())  # last group unlocked
+    assert model.logit_scale.requires_grad
+
+
+def test_weight_decay_groups():
+    model = build_model(tiny_model_config())
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "clip.logit_scale" in no_decay_names
+    assert "clip.token_embedding.weight" in no_decay_names and "clip.positional_embedding" in no_decay_names
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay_names)
+    assert "clip.visual.conv1.weight" in decay_names
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = build_model(tiny_model_config())
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    tokens = model.tokenizer(["a frog"])
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
+    assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+    assert not list(tmp_path.glob(".ckpt*"))  # no temporary folder left behind
+
+
+def test_truncated_weights_give_clear_error(tmp_path):
+    build_model(tiny_model_config()).save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors: unreadable or truncated weights file"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="cannot load model 'nowhere'"):
+        load_model("nowhere")
+    with pytest.raises(ValueError, match="'ViT-B-23' is not an open_clip architecture \\(did you mean 'ViT-B-32'"):
+        load_model("open_clip:ViT-B-23")
+    with pytest.raises(FileNotFoundError, match="not a vlpretrain checkpoint"):
+        load_model(tmp_path)
+
+
+def test_open_clip_architecture_by_name():
+    model = load_model("open_clip:RN50")  # random init, no download
+    assert model.embed_dim == 1024 and model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_locked_text_cache_matches_the_tower():
+    cfg = ModelConfig(arch="ViT-B-32", embed_dim=16, text_tower="hf:minilm-l6", lock_text=True,
+                      vision=dict(TINY_VISION), text={"context_length": 16})
+    model = build_model(cfg)
+    assert model.text_cache is not None
+    model.eval()
+    tokens = model.tokenizer(["grinning face", "red heart", "grinning face"])
+    first = model.encode_text(tokens)
+    again = model.encode_text(tokens)
+    assert (model.text_cache.misses, model.text_cache.hits, len(model.text_cache)) == (2, 4, 2)
+    cache, model.text_cache = model.text_cache, None
+    reference = model.encode_text(tokens)  # open_clip's own forward
+    assert torch.allclose(first, reference, atol=1e-5) and torch.equal(first, again)
+    model.text_cache = cache
+    model.train()
+    model.encode_text(tokens).sum().backward()
+    assert model.clip.text.proj.weight.grad is not None  # the projection still learns
+    assert all(p.grad is None for p in model.clip.text.transformer.parameters())
+
+
+def test_no_cache_when_text_layers_stay_trainable():
+    cfg = ModelConfig(arch="ViT-B-32", embed_dim=16, text_tower="hf:minilm-l6", lock_text=True,
+                      lock_text_unlocked_layers=1, vision=dict(TINY_VISION), text={"context_length": 16})
+    assert build_model(cfg).text_cache is None
+
+
+def test_hf_text_tower_partial_unlock():
+    cfg = ModelConfig(arch="ViT-B-32", embed_dim=16, text_tower="hf:minilm-l6", lock_text=True,
+                      lock_text_unlocked_layers=2, vision=dict(TINY_VISION), text={"context_length": 16})
+    model = build_model(cfg)
+    trainable = {n for n, p in model.clip.text.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("encoder.layer.4.", "encoder.layer.5.")) for n in trainable)
+    assert any(n.startswith("encoder.layer.4.") for n in trainable)
