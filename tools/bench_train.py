@@ -4,8 +4,8 @@
 Both trainers get the same open_clip architecture (written once as an ``open_clip_config.json``),
 batch size, image size, thread count, precision, data-loader workers and synthetic data (one fixed
 random pair, open_clip_train's ``--dataset-type synthetic``). Throughput is the global batch divided
-by the mean step time over the logged intervals after the first (which holds warm-up); peak memory is
-the largest resident set of the process tree, sampled every 50 ms.
+by the mean step time over the logged intervals after the first (which holds warm-up), the median over
+interleaved repeats; peak memory is the largest resident set of the process tree, sampled every 50 ms.
 
     python tools/bench_train.py --out results/bench_train.json
 """
@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", choices=["fp32", "amp_bf16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each trainer (median reported)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="results/bench_train.json")
     args = parser.parse_args()
@@ -142,12 +144,19 @@ def main() -> None:
         model_dir = work / "model"
         model_dir.mkdir()
         (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        results = {}
-        for name, fn in (("open_clip_train", bench_open_clip), ("vlp", bench_vlp)):
-            print(f"running {name} ...", flush=True)
-            results[name] = fn(args, model_dir, work, env)
-            print(f"  {results[name]['pairs_per_s']:.1f} pairs/s, peak {results[name]['peak_memory_mib']:.0f} MiB",
-                  flush=True)
+        runs: dict[str, list[dict]] = {"open_clip_train": [], "vlp": []}
+        # Interleaved repeats: a slow spell of the machine then hits both trainers alike.
+        for repeat in range(args.repeats):
+            for name, fn in (("open_clip_train", bench_open_clip), ("vlp", bench_vlp)):
+                print(f"run {repeat + 1}/{args.repeats}: {name} ...", flush=True)
+                shutil.rmtree(work / "vlp", ignore_errors=True)
+                shutil.rmtree(work / "open_clip_logs", ignore_errors=True)
+                runs[name].append(fn(args, model_dir, work, env))
+                print(f"  {runs[name][-1]['pairs_per_s']:.1f} pairs/s, peak {runs[name][-1]['peak_memory_mib']:.0f} MiB",
+                      flush=True)
+        results = {name: {"pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+                          "peak_memory_mib": max(r["peak_memory_mib"] for r in rs),
+                          "runs": rs} for name, rs in runs.items()}
     report = {
         "benchmark": "train_throughput",
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"model_cfg": model_cfg, "data": "synthetic"},

@@ -1,20 +1,28 @@
-"""Synthetic pairs for speed benchmarks: one fixed random image and caption, as open_clip_train's
-``--dataset-type synthetic`` uses, so both trainers measure the model and the loop, not decoding."""
+"""Synthetic pairs for speed benchmarks, built like open_clip_train's ``--dataset-type synthetic``:
+one blank image sent through the training transform and one caption tokenized, for every sample,
+so both trainers pay the same per-sample data cost and the benchmark measures the loops."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 
 class SyntheticPairs(Dataset):
-    def __init__(self, size: int, image_size: int, tokenizer, caption: str = "dummy caption"):
+    def __init__(self, size: int, image_size: int, transform: Callable, tokenizer: Callable,
+                 caption: str = "Dummy caption"):
         self.size = size
-        self.image = torch.rand(3, image_size, image_size)
-        self.tokens = tokenizer([caption])[0]
+        self.image = Image.new("RGB", (image_size, image_size))
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.caption = caption
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": self.image, "tokens": self.tokens, "index": index, "skipped": []}
+        return {"image": self.transform(self.image), "tokens": self.tokenizer([self.caption])[0],
+                "index": index, "skipped": []}

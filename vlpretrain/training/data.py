@@ -32,7 +32,7 @@ def build_train_dataset(data: DataConfig, model, seed: int):
     if data.train.startswith("synthetic:"):
         size = int(data.train.split(":", 1)[1])
         image_size = model.open_clip_config["vision_cfg"].get("image_size", 224)
-        return SyntheticPairs(size, image_size, model.tokenizer)
+        return SyntheticPairs(size, image_size, model.preprocess_train, model.tokenizer)
     corpus = open_named_corpus(data.train, data, data.split)
     if len(corpus) == 0:
         raise ValueError(f"data.train: {data.train} holds no usable rows")
