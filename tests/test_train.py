@@ -127,3 +127,20 @@ def test_two_processes_train_like_one_with_the_global_batch(tmp_path):
     losses_one = [r["loss"] for r in _records(tmp_path / "one") if "loss" in r]
     assert len(losses_two) == len(losses_one) == 6
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
+
+
+def test_fresh_run_refuses_to_mix_with_an_earlier_one(tmp_path):
+    csv = write_image_csv(tmp_path, 8)
+    recipe = tiny_recipe(tmp_path / "run", csv, checkpoint_every=1)
+    train(recipe_from_dict(recipe))
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run \\(step_00000002\\); pass --resume"):
+        train(recipe_from_dict(recipe))
+    recipe["train"]["overwrite"] = True
+    train(recipe_from_dict(recipe))
+    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [1, 2]  # metrics started anew
+
+
+def test_unknown_precision_is_an_error(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", write_image_csv(tmp_path, 8), precision="fp8")
+    with pytest.raises(ValueError, match="train.precision: 'fp8' is not one of no \\(fp32\\), bf16, fp16"):
+        train(recipe_from_dict(recipe))

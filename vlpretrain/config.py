@@ -99,6 +99,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     progress: bool = True
 
 
@@ -163,28 +164,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation in (int, float):
+        expected = "an integer" if annotation is int else "a number"
+        if not isinstance(value, bool):
+            if isinstance(value, (int, float)) and (annotation is float or float(value).is_integer()):
+                return annotation(value)
+            if isinstance(value, str):
+                try:
+                    return annotation(value)
+                except ValueError:
+                    pass
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if annotation is str:
         if isinstance(value, bool):
             # YAML 1.1 reads a bare `no` (as in `precision: no`) as false.

@@ -49,7 +49,8 @@ def run(args) -> int:
     from ..training.data import open_named_corpus
 
     recipe_path = find_recipe(args.recipe)
-    overrides = list(args.overrides)
+    # The demo owns its run folder: running it again starts over (so `make demo` is repeatable).
+    overrides = ["train.overwrite=true", *args.overrides]
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_recipe(recipe_path, overrides)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,10 @@ def _make_accelerator(cfg: RecipeConfig):
     from accelerate import Accelerator, DataLoaderConfiguration
 
     # Accelerator(cpu=True) is what lets `accelerate launch --multi_gpu` run gloo processes on a CPU box.
-    return Accelerator(mixed_precision=cfg.train.precision, cpu=not torch.cuda.is_available(),
+    precision = {"fp32": "no"}.get(cfg.train.precision, cfg.train.precision)
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.precision: '{cfg.train.precision}' is not one of no (fp32), bf16, fp16")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                        dataloader_config=DataLoaderConfiguration(even_batches=True))
 
 
@@ -170,6 +174,18 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
     unwrapped = accelerator.unwrap_model(model)
 
     step, start_epoch, skip_batches, samples_seen = 0, 0, 0, 0
+    earlier = list_checkpoints(output_dir)
+    if earlier and not tc.resume:
+        if not tc.overwrite:
+            raise ValueError(f"{output_dir} already holds checkpoints of an earlier run ({earlier[-1].name}); "
+                             f"pass --resume (train.resume=latest) to continue it, train.overwrite=true to "
+                             f"replace it, or another train.output_dir")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            logger.warning("train.overwrite: removing %d checkpoints of an earlier run in %s", len(earlier), output_dir)
+            for path in earlier:
+                shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()
     if tc.resume:
         checkpoint = resolve_resume(tc.resume, output_dir)
         if checkpoint is None:
@@ -191,7 +207,8 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
                 steps_per_epoch, total_steps, trainable / 1e6, tc.precision)
 
     metrics_path = output_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "a") if accelerator.is_main_process else None
+    # A resumed run appends to its metrics; a fresh one starts the file anew.
+    metrics_file = open(metrics_path, "a" if step else "w") if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (tc.progress and accelerator.is_main_process),
                dynamic_ncols=True)
     skipped_local = 0
