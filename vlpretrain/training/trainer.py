@@ -278,7 +278,8 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
                     record = {"step": step, "epoch": epoch, "loss": mean_loss,
                               **{k: v.item() for k, v in losses.items()},
                               "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
-                              "samples_per_s": throughput, "skipped_samples": skipped_total, "samples_seen": samples_seen}
+                              "samples_per_s": throughput, "skipped_samples": skipped_total, "samples_seen": samples_seen,
+                              "elapsed_s": time.perf_counter() - train_start}
                     write_metrics(record)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}",
                                     sps=f"{throughput:.0f}", refresh=False)
@@ -296,7 +297,8 @@ def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, colla
             if val_corpus is not None and tc.validate_every_epoch and (step % steps_per_epoch == 0 or step >= total_steps):
                 if accelerator.is_main_process:
                     val = validate(unwrapped, val_corpus, tc.batch_size, accelerator)
-                    val.update({"step": step, "epoch": epoch, "split": "val"})
+                    val.update({"step": step, "epoch": epoch, "split": "val",
+                                "elapsed_s": time.perf_counter() - train_start})
                     val_history.append(val)
                     write_metrics(val)
                     logger.info("epoch %d val: loss %.4f, text->image R@1 %.3f R@5 %.3f R@10 %.3f, "
