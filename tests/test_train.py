@@ -145,3 +145,20 @@ def test_unknown_precision_is_an_error(tmp_path):
     recipe = tiny_recipe(tmp_path / "run", write_image_csv(tmp_path, 8), precision="fp8")
     with pytest.raises(ValueError, match="train.precision: 'fp8' is not one of no \\(fp32\\), bf16, fp16"):
         train(recipe_from_dict(recipe))
+
+
+def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
+    """`vlp demo` with a tiny model and 3 steps: builds the corpus, trains, prints and saves recall."""
+    env = dict(os.environ, VLP_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "vlpretrain.cli.main", "demo", "--output-dir", str(tmp_path / "demo"),
+           "train.max_steps=3", "train.batch_size=16", "train.progress=false", "data.num_workers=0",
+           "model.vision.width=32", "model.vision.layers=1", "model.vision.head_width=16",
+           "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.embed_dim=16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "emoji test split: 356 images, 356 captions (demo-emoji, 3 steps)" in proc.stdout
+    assert "text -> image" in proc.stdout and "image -> text" in proc.stdout
+    report = json.loads((tmp_path / "demo" / "test_retrieval.json").read_text())
+    assert set(report) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert report["metrics"]["chance_image_retrieval_recall@10"] == pytest.approx(10 / 356)
+    assert 0 <= report["metrics"]["image_retrieval_recall@10"] <= 1
