@@ -126,11 +126,6 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
         >>> result = train(load_recipe("recipes/demo-emoji.yaml", ["train.epochs=1"]))
         >>> vlpretrain.load_model(result.final_dir)
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from ..data import EpochPermutationSampler, collate_image_text
-
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -138,12 +133,17 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
     output_dir = Path(tc.output_dir)
     _setup_logging(accelerator, output_dir)
     try:
-        return _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, collate_image_text, tqdm, set_seed)
+        return _train(cfg, accelerator, output_dir, on_step)
     finally:
         _close_logging()
 
 
-def _train(cfg, accelerator, output_dir, on_step, EpochPermutationSampler, collate_image_text, tqdm, set_seed):
+def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[Callable[[int], None]]) -> TrainResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from ..data import EpochPermutationSampler, collate_image_text
+
     tc = cfg.train
     set_seed(tc.seed)
     world = accelerator.num_processes
