@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, train
+from . import demo, eval as eval_cli, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     train.add_parser(commands)
     demo.add_parser(commands)
+    eval_cli.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""`vlp eval zeroshot | linear-probe | knn | run` on small labelled sets, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlpretrain.data import rendered
+from vlpretrain.evaluation.suite import run_suite
+from vlpretrain.models import build_model, load_model
+
+from helpers import tiny_model_config
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    build_model(tiny_model_config()).save_pretrained(path)
+    return path
+
+
+def _class_folders(root: Path, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-20, 20, (16, 16, 3))
+            Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype("uint8")).save(root / name / f"{i}.png")
+    return root
+
+
+def _table(root: Path, name: str) -> Path:
+    folders = _class_folders(root / f"{name}_images")
+    lines = ["image,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(folders.rglob("*.png"))]
+    (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return root / f"{name}.csv"
+
+
+def vlp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", *args], capture_output=True, text=True)
+
+
+def test_zeroshot_on_class_folders_writes_json_and_png(tmp_path, checkpoint):
+    data = _class_folders(tmp_path / "data")
+    out, png = tmp_path / "zs.json", tmp_path / "cm.png"
+    proc = vlp("eval", "zeroshot", "--model", str(checkpoint), "--data", str(data), "--templates", "openai_imagenet_7",
+               "--output", str(out), "--confusion-png", str(png), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "zeroshot_classification on data (12 images, 3 classes)" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report) >= {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    m = report["metrics"]
+    assert math.isnan(m["acc5"])  # fewer than 5 classes
+    assert len(m["confusion_matrix"]) == 3 and sum(map(sum, m["confusion_matrix"])) == 12
+    assert len(m["per_template"]) == 7 and m["template_spread"]["min"] <= m["template_spread"]["max"]
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("folders", ["--templates", "openai_imagnet"], "unknown template set 'openai_imagnet'"),
+    ("folders", ["--classnames", "red,green"], "labels 'blue' are not among the 2 class names (mismatched label names?)"),
+    ("empty_class", [], "class 'green' has no images (empty subfolder"),
+    ("empty", [], "no images found (expected one subfolder of images per class)"),
+])
+def test_zeroshot_errors_are_one_line(tmp_path, checkpoint, setup, args, message):
+    data = tmp_path / "data"
+    if setup == "folders":
+        _class_folders(data)
+    elif setup == "empty_class":
+        _class_folders(data)
+        for f in (data / "green").iterdir():
+            f.unlink()
+    else:
+        data.mkdir()
+    proc = vlp("eval", "zeroshot", "--model", str(checkpoint), "--data", str(data), "--no-progress", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("task", ["linear-probe", "knn"])
+def test_linear_probe_and_knn_on_tables(tmp_path, checkpoint, task):
+    train, test = _table(tmp_path, "fit"), _table(tmp_path, "score")
+    out = tmp_path / f"{task}.json"
+    proc = vlp("eval", task, "--model", str(checkpoint), "--train", str(train), "--test", str(test),
+               "--k-shot", "3", "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["task"] == task.replace("-", "_") and report["metrics"]["num_train"] == 9
+    assert report["metrics"]["acc1"] > 0.9  # colours are trivially separable on frozen random features
+
+
+def test_suite_writes_reports_and_skips_missing_optional_data(tmp_path, checkpoint, monkeypatch):
+    table = _table(tmp_path, "colours")
+    (tmp_path / "templates.txt").write_text("a photo of {c}.\n{c}\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"""
+name: tiny
+tasks:
+  - {{name: colours, task: zeroshot, data: {table.name}, templates: templates.txt}}
+  - {{name: colours-knn, task: knn, data: {table.name}, train: {table.name}, k: 3}}
+  - {{name: stamps, task: zeroshot, data: "tuxpaint:", label_column: category, optional: true}}
+""")
+    monkeypatch.setattr(rendered, "TUXPAINT_STAMPS", tmp_path / "not-installed")
+    result = run_suite(suite, load_model(checkpoint), "tiny", tmp_path / "out", progress=False)
+    assert set(result.results) == {"colours", "colours-knn"}
+    assert "install Debian's tuxpaint-stamps-default" in result.skipped["stamps"]
+    assert json.loads((tmp_path / "out" / "colours.json").read_text())["metrics"]["num_classes"] == 3
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| colours | zeroshot_classification |" in summary and "skipped stamps" in summary
+    assert (tmp_path / "out" / "summary.csv").read_text().startswith("task,kind,dataset")

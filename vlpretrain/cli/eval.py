@@ -1,0 +1,128 @@
+"""``vlp eval zeroshot | linear-probe | knn``: classification evaluations written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    p.add_argument("--label-column", default="label", help="label column of a table or dataset (default: label)")
+    p.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
+    p.add_argument("--split", default=None, help="split of a Hugging Face dataset")
+    p.add_argument("--classnames", default=None,
+                   help="class names: a .txt (one label per line, optionally 'label<TAB>readable name'), a .json "
+                        "list or {label: name}, or a comma-separated list (default: the labels found)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output", default=None, help="JSON file to write (default: print only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN",
+                            description="Evaluate a model; results are printed and written in CLIP_benchmark's JSON shape.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    tasks.required = True
+
+    z = tasks.add_parser("zeroshot", help="zero-shot classification with prompt templates",
+                         description="Zero-shot classification. DATA: a folder of class subfolders, a CSV/TSV/JSONL/parquet "
+                                     "with image and label columns, emoji:SPLIT (labels: category, subcategory), or a "
+                                     "Hugging Face dataset folder / hf:NAME.")
+    _common(z)
+    z.add_argument("--data", required=True, help="the labelled images (see above)")
+    z.add_argument("--templates", default="openai_imagenet",
+                   help="a set (openai_imagenet, openai_imagenet_7, simple), a .json / .txt file, or a template like "
+                        "'an emoji of {c}.' (default: openai_imagenet)")
+    z.add_argument("--confusion-png", default=None, help="also draw the confusion matrix into this PNG")
+    z.set_defaults(run=run_zeroshot)
+
+    r = tasks.add_parser("run", help="run an evaluation suite (eval/suites/*.yaml)",
+                         description="Run every task of a suite YAML; writes one JSON per task, summary.md and "
+                                     "summary.csv into --out. Optional tasks whose data is not installed are skipped "
+                                     "with the reason.")
+    r.add_argument("suite", help="suite YAML, e.g. eval/suites/demo.yaml")
+    r.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    r.add_argument("--out", default=None, help="output folder (default: results/eval/<suite>/<model folder name>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(run=run_suite)
+
+    for name, helptext in (("linear-probe", "logistic regression on frozen image features"),
+                           ("knn", "weighted k-nearest-neighbour classification on frozen image features")):
+        t = tasks.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        _common(t)
+        t.add_argument("--train", required=True, help="labelled images to fit on")
+        t.add_argument("--test", required=True, help="labelled images to score")
+        t.add_argument("--k-shot", type=int, default=None, help="use k training images per class (default: all)")
+        t.add_argument("--seed", type=int, default=0)
+        if name == "knn":
+            t.add_argument("-k", type=int, default=20, help="neighbours (default: 20)")
+        t.set_defaults(run=run_linear_probe if name == "linear-probe" else run_knn)
+
+
+def _finish(args, result: dict) -> int:
+    from ..evaluation.tasks import write_json
+
+    m = result["metrics"]
+    fmt = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else f"{100 * v:.1f}%"
+    line = (f"{result['task']} on {result['dataset']} ({m['num_samples']} images, {m['num_classes']} classes): "
+            f"acc1 {fmt(m['acc1'])}, acc5 {fmt(m['acc5'])}, mean per-class recall {fmt(m['mean_per_class_recall'])} "
+            f"(chance {fmt(1 / m['num_classes'])})")
+    print(line)
+    if "template_spread" in m:
+        s = m["template_spread"]
+        print(f"per-template mean per-class recall: {fmt(s['min'])} to {fmt(s['max'])} (std {fmt(s['std'])})")
+    if args.output:
+        print(f"written: {write_json(result, args.output)}")
+    return 0
+
+
+def run_zeroshot(args) -> int:
+    from ..data.labelled import open_labelled_images
+    from ..evaluation.tasks import evaluate_zeroshot
+    from ..models import load_model
+
+    data = open_labelled_images(args.data, args.label_column, args.image_column, args.split)
+    model = load_model(args.model)
+    result = evaluate_zeroshot(model, data, args.classnames, args.templates, args.batch_size,
+                               progress=not args.no_progress, model_name=str(args.model),
+                               confusion_png=args.confusion_png)
+    return _finish(args, result)
+
+
+def _train_test(args):
+    from ..data.labelled import open_labelled_images
+    from ..models import load_model
+
+    train = open_labelled_images(args.train, args.label_column, args.image_column, args.split)
+    test = open_labelled_images(args.test, args.label_column, args.image_column, args.split)
+    return load_model(args.model), train, test
+
+
+def run_linear_probe(args) -> int:
+    from ..evaluation.tasks import evaluate_linear_probe
+
+    model, train, test = _train_test(args)
+    return _finish(args, evaluate_linear_probe(model, train, test, args.classnames, args.k_shot, args.batch_size,
+                                               not args.no_progress, str(args.model), args.seed))
+
+
+def run_knn(args) -> int:
+    from ..evaluation.tasks import evaluate_knn
+
+    model, train, test = _train_test(args)
+    return _finish(args, evaluate_knn(model, train, test, args.classnames, args.k, args.k_shot, args.batch_size,
+                                      not args.no_progress, str(args.model), args.seed))
+
+
+def run_suite(args) -> int:
+    from ..evaluation.suite import run_suite as run
+    from ..models import load_model
+
+    model = load_model(args.model)
+    out = args.out or str(Path("results") / "eval" / Path(args.suite).stem / Path(str(args.model)).parent.name)
+    result = run(args.suite, model, str(args.model), out, progress=not args.no_progress)
+    print(f"written: {out}/summary.md ({len(result.results)} tasks, {len(result.skipped)} skipped)")
+    return 0

@@ -1,0 +1,104 @@
+"""Out-of-style and out-of-domain image sets that Debian packages provide, when installed.
+
+- ``noto-emoji:SPLIT``: the emoji of a demo-corpus split drawn in a second style, Google's Noto Color
+  Emoji font (Debian ``fonts-noto-color-emoji``), rendered with Pillow: a cross-style test set.
+- ``tuxpaint:``: Tux Paint's stamps (Debian ``tuxpaint-stamps-default``): photos and clip art with a
+  human-written caption and one of 16 categories: an out-of-domain set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+class MissingSourceError(FileNotFoundError):
+    """An optional data set whose system package is not installed."""
+
+
+def _emoji_text(codepoints: str) -> str:
+    return "".join(chr(int(cp, 16)) for cp in codepoints.split("-"))
+
+
+def build_noto_emoji_split(split: str = "test", cache_dir: Optional[Path] = None, size: int = 72) -> Path:
+    """Render a split of the emoji corpus with Noto Color Emoji (once); returns the CSV path."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .emoji import build_emoji_corpus, default_cache_dir
+
+    if not NOTO_FONT.is_file():
+        raise MissingSourceError(f"{NOTO_FONT} not found: install Debian's fonts-noto-color-emoji "
+                                 f"(apt-get install fonts-noto-color-emoji)")
+    source = build_emoji_corpus(cache_dir)
+    table = pd.read_csv(source / f"{split}.csv")
+    target = Path(cache_dir or default_cache_dir()) / "emoji-noto-v1"
+    out_csv = target / f"{split}.csv"
+    if out_csv.is_file():
+        return out_csv
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=target))
+    font = ImageFont.truetype(str(NOTO_FONT), 109)  # the font's only bitmap size
+    rows = []
+    for row in table.itertuples(index=False):
+        codepoints = Path(row.image).stem
+        canvas = Image.new("RGBA", (136, 128), (255, 255, 255, 0))
+        ImageDraw.Draw(canvas).text((0, 0), _emoji_text(codepoints), font=font, embedded_color=True)
+        box = canvas.getbbox()
+        if box is None:  # the font lacks this emoji
+            continue
+        glyph = canvas.crop(box)
+        side = max(glyph.size)
+        square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+        square.paste(glyph, ((side - glyph.size[0]) // 2, (side - glyph.size[1]) // 2))
+        background = Image.new("RGB", (side, side), (255, 255, 255))
+        background.paste(square, mask=square.split()[3])
+        name = f"images/{codepoints}.png"
+        (tmp / "images").mkdir(exist_ok=True)
+        background.resize((size, size), Image.Resampling.LANCZOS).save(tmp / name)
+        rows.append({**row._asdict(), "image": name})
+    pd.DataFrame(rows).to_csv(tmp / f"{split}.csv", index=False)
+    (target / "images").mkdir(exist_ok=True)
+    for image in (tmp / "images").iterdir():
+        os.replace(image, target / "images" / image.name)
+    os.replace(tmp / f"{split}.csv", out_csv)  # last: the CSV exists only once its images do
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out_csv
+
+
+def build_tuxpaint_table(cache_dir: Optional[Path] = None) -> Path:
+    """A CSV over the installed Tux Paint stamps: image path, caption (first line of the stamp's
+    .txt), category (its top folder)."""
+    from .emoji import default_cache_dir
+
+    if not TUXPAINT_STAMPS.is_dir():
+        raise MissingSourceError(f"{TUXPAINT_STAMPS} not found: install Debian's tuxpaint-stamps-default "
+                                 f"(apt-get install tuxpaint-stamps-default)")
+    target = Path(cache_dir or default_cache_dir()) / "tuxpaint-v1"
+    out_csv = target / "all.csv"
+    if out_csv.is_file():
+        return out_csv
+    rows = []
+    for png in sorted(TUXPAINT_STAMPS.rglob("*.png")):
+        caption_file = png.with_suffix(".txt")
+        if not caption_file.is_file():
+            continue
+        lines = [l.strip() for l in caption_file.read_text(errors="replace").splitlines() if l.strip()]
+        if not lines:
+            continue
+        category = png.relative_to(TUXPAINT_STAMPS).parts[0]
+        rows.append({"image": str(png), "caption": lines[0], "category": category})
+    target.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".all.", suffix=".csv", dir=target)
+    os.close(fd)
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, out_csv)
+    return out_csv

@@ -1,0 +1,141 @@
+"""Evaluation suites: a YAML list of tasks (data, labels, class names, templates) run in one go,
+one JSON per task plus a summary table in markdown and CSV.
+
+Suite format (paths relative to the suite file)::
+
+    name: demo
+    tasks:
+      - name: emoji-categories
+        task: zeroshot                 # zeroshot | linear_probe | knn
+        data: emoji:test
+        label_column: category
+        classnames: ../classnames/emoji-categories.txt
+        templates: ["an emoji of {c}.", "a {c} emoji."]
+        optional: false                # true: skip, with the reason, when the data is not installed
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+_TASK_KEYS = {"name", "task", "data", "train", "label_column", "image_column", "split", "classnames",
+              "templates", "k", "k_shot", "optional"}
+
+
+@dataclass
+class SuiteResult:
+    results: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """Relative file paths in a suite are relative to the suite file."""
+    if isinstance(value, str) and not value.partition(":")[1] and (base / value).exists():
+        return str(base / value)
+    if isinstance(value, str) and value.endswith((".txt", ".json", ".csv", ".jsonl", ".parquet", ".tsv")):
+        return str(base / value)
+    return value
+
+
+def load_suite(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: suite file not found")
+    suite = yaml.safe_load(path.read_text()) or {}
+    tasks = suite.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ValueError(f"{path}: a suite needs a non-empty 'tasks' list")
+    for i, task in enumerate(tasks):
+        unknown = set(task) - _TASK_KEYS
+        if unknown:
+            raise ValueError(f"{path}: task {i + 1} has unknown keys {sorted(unknown)} (known: {sorted(_TASK_KEYS)})")
+        for key in ("name", "task", "data"):
+            if key not in task:
+                raise ValueError(f"{path}: task {i + 1} has no '{key}'")
+        for key in ("data", "train", "classnames", "templates"):
+            if key in task:
+                task[key] = _resolve(task[key], path.parent)
+    suite.setdefault("name", path.stem)
+    return suite
+
+
+def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Union[str, Path],
+              progress: bool = True) -> SuiteResult:
+    """Run every task of a suite; writes ``OUT/<task>.json``, ``OUT/summary.md`` and ``OUT/summary.csv``."""
+    from ..data.labelled import open_labelled_images
+    from ..data.rendered import MissingSourceError
+    from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_zeroshot, write_json
+
+    suite = load_suite(suite_path)
+    out_dir = Path(out_dir)
+    result = SuiteResult()
+    for task in suite["tasks"]:
+        name, kind = task["name"], task["task"]
+        columns = dict(label_column=task.get("label_column", "label"), image_column=task.get("image_column", "image"),
+                       split=task.get("split"))
+        try:
+            data = open_labelled_images(task["data"], **columns)
+            if kind == "zeroshot":
+                report = evaluate_zeroshot(model, data, task.get("classnames"), task.get("templates", "openai_imagenet"),
+                                           progress=progress, model_name=model_name,
+                                           confusion_png=out_dir / f"{name}.confusion.png")
+            elif kind in ("linear_probe", "knn"):
+                train = open_labelled_images(task["train"], **columns)
+                if kind == "knn":
+                    report = evaluate_knn(model, train, data, task.get("classnames"), k=task.get("k", 20),
+                                          k_shot=task.get("k_shot"), progress=progress, model_name=model_name)
+                else:
+                    report = evaluate_linear_probe(model, train, data, task.get("classnames"), k_shot=task.get("k_shot"),
+                                                   progress=progress, model_name=model_name)
+            else:
+                raise ValueError(f"task '{name}': unknown task kind '{kind}' (zeroshot, linear_probe, knn)")
+        except MissingSourceError as e:
+            if not task.get("optional"):
+                raise
+            result.skipped[name] = str(e)
+            logger.warning("skipped %s: %s", name, e)
+            print(f"skipped {name}: {e}")
+            continue
+        report["suite_task"] = name
+        write_json(report, out_dir / f"{name}.json")
+        result.results[name] = report
+        m = report["metrics"]
+        print(f"{name}: mean per-class recall {100 * m['mean_per_class_recall']:.1f}% "
+              f"(chance {100 / m['num_classes']:.1f}%), acc1 {100 * m['acc1']:.1f}%")
+    write_summary(result, suite["name"], model_name, out_dir)
+    return result
+
+
+def _pct(value: Optional[float]) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def write_summary(result: SuiteResult, suite_name: str, model_name: str, out_dir: Path) -> None:
+    header = ["task", "kind", "dataset", "images", "classes", "acc1", "acc5", "mean_per_class_recall", "chance",
+              "template_min", "template_max"]
+    rows = []
+    for name, report in result.results.items():
+        m = report["metrics"]
+        spread = m.get("template_spread", {})
+        rows.append([name, report["task"], report["dataset"], m["num_samples"], m["num_classes"], _pct(m["acc1"]),
+                     _pct(m["acc5"]), _pct(m["mean_per_class_recall"]), _pct(1 / m["num_classes"]),
+                     _pct(spread.get("min")), _pct(spread.get("max"))])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    lines = [f"# {suite_name}: {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    for name, reason in result.skipped.items():
+        lines.append(f"\nskipped {name}: {reason}")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")

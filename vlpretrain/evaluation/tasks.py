@@ -1,0 +1,174 @@
+"""Evaluation tasks as CLIP_benchmark runs them: each returns ``{"dataset", "model", "pretrained",
+"task", "metrics", "language"}`` and can be written as one JSON file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from ..data.labelled import LabelledImages
+from .classification_metrics import classification_metrics
+from .classnames import load_classnames, match_labels
+
+
+def report(dataset: str, model: str, task: str, metrics: dict, pretrained: str = "", language: str = "en",
+           **extra: Any) -> dict:
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+            "language": language, **extra}
+
+
+def write_json(data: dict, path: Union[str, Path]) -> Path:
+    """Write JSON atomically (NaN stays NaN, as CLIP_benchmark writes acc5 below 5 classes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_zeroshot(model, data: LabelledImages, classnames: Union[None, str, Sequence[str], dict] = None,
+                      templates: Any = "openai_imagenet", batch_size: int = 256, progress: bool = True,
+                      model_name: str = "", confusion_png: Optional[Union[str, Path]] = None) -> dict:
+    """Zero-shot classification of ``data`` into ``classnames`` with prompt ``templates``.
+
+    Metrics: ``acc1``, ``acc5`` (NaN below 5 classes), ``mean_per_class_recall``, per-class recall,
+    the confusion matrix, and accuracy per template with its spread (prompt sensitivity).
+
+    Example:
+        >>> data = open_labelled_images("emoji:test", label_column="category")
+        >>> evaluate_zeroshot(model, data, templates="simple")["metrics"]["mean_per_class_recall"]
+    """
+    from .zeroshot import ZeroShotClassifier
+
+    keys, readable, targets = match_labels(data.labels, load_classnames(classnames), data.name)
+    classifier = ZeroShotClassifier(model, readable, templates=templates, batch_size=batch_size, progress=progress)
+    features = classifier.encode_images(data.images)
+    logits = classifier.logits(features)
+    labels = torch.tensor(targets)
+    metrics = classification_metrics(logits, labels, keys)
+    metrics["chance_mean_per_class_recall"] = 1 / len(keys)
+    if isinstance(classifier.templates, list) and len(classifier.templates) > 1:
+        per_template = {}
+        weights = classifier.per_template_weights()  # (T, D, C)
+        for template, w in zip(classifier.templates, weights):
+            template_logits = 100 * features.to(w) @ w
+            m = classification_metrics(template_logits, labels, keys)
+            per_template[template] = {"acc1": m["acc1"], "mean_per_class_recall": m["mean_per_class_recall"]}
+        values = [v["mean_per_class_recall"] for v in per_template.values()]
+        metrics["per_template"] = per_template
+        metrics["template_spread"] = {"min": min(values), "max": max(values), "std": statistics.pstdev(values),
+                                      "metric": "mean_per_class_recall"}
+    if confusion_png:
+        plot_confusion_matrix(metrics["confusion_matrix"], readable, confusion_png,
+                              title=f"{model_name or 'model'} on {data.name}")
+    return report(data.name, model_name, "zeroshot_classification", metrics,
+                  classnames=readable, num_templates=len(classifier.templates))
+
+
+def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Union[str, Path], title: str = "") -> Path:
+    """Row-normalized confusion matrix as a PNG (rows: true class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(matrix, dtype=torch.float)
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    size = min(4 + 0.35 * len(names), 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 40:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images: Sequence, sources: Sequence[str], transform):
+        self.images, self.sources, self.transform = images, sources, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from ..data.images import BadImageError, load_rgb
+
+        try:
+            return self.transform(load_rgb(self.images[i]))
+        except BadImageError as e:
+            raise ValueError(f"{self.sources[i]}: {e}") from None
+
+
+@torch.no_grad()
+def encode_labelled(model, data: LabelledImages, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Normalized image features of a labelled set, in order."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(_Images(data.images, data.sources, model.preprocess), batch_size=batch_size)
+    chunks = [model.encode_image(batch.to(device)).float().cpu()
+              for batch in tqdm(loader, desc=f"encode {data.name}", disable=not progress, leave=False)]
+    return torch.cat(chunks)
+
+
+def _train_test(model, train: LabelledImages, test: LabelledImages, classnames, batch_size, progress):
+    names = load_classnames(classnames)
+    if names is None:
+        names = {label: label for label in sorted(set(train.labels) | set(test.labels))}
+    keys, readable, train_targets = match_labels(train.labels, names, train.name)
+    unknown = sorted(set(test.labels) - set(keys))
+    if unknown:
+        raise ValueError(f"{test.name}: labels {unknown[:5]} do not occur in the training set {train.name}")
+    index = {k: i for i, k in enumerate(keys)}
+    train_features = encode_labelled(model, train, batch_size, progress)
+    test_features = encode_labelled(model, test, batch_size, progress)
+    return keys, train_features, torch.tensor(train_targets), test_features, torch.tensor([index[l] for l in test.labels])
+
+
+def evaluate_linear_probe(model, train: LabelledImages, test: LabelledImages, classnames=None, k_shot: Optional[int] = None,
+                          batch_size: int = 256, progress: bool = True, model_name: str = "", seed: int = 0) -> dict:
+    """Logistic regression on frozen image features; weight decay chosen on a split of ``train``."""
+    from .linear_probe import linear_probe
+
+    keys, xtr, ytr, xte, yte = _train_test(model, train, test, classnames, batch_size, progress)
+    fit = linear_probe(xtr, ytr, xte, yte, num_classes=len(keys), k_shot=k_shot, seed=seed)
+    metrics = classification_metrics(fit["logits"], yte, keys)
+    metrics.update({"weight_decay": fit["weight_decay"], "k_shot": k_shot, "num_train": fit["num_train"],
+                    "val_acc_by_weight_decay": {str(k): v for k, v in fit["val_acc_by_weight_decay"].items()}})
+    return report(test.name, model_name, "linear_probe", metrics, train_dataset=train.name)
+
+
+def evaluate_knn(model, train: LabelledImages, test: LabelledImages, classnames=None, k: int = 20,
+                 k_shot: Optional[int] = None, batch_size: int = 256, progress: bool = True,
+                 model_name: str = "", seed: int = 0) -> dict:
+    """Weighted k-nearest-neighbour classification on frozen image features."""
+    from .knn import knn_classify
+    from .linear_probe import few_shot_indices
+
+    keys, xtr, ytr, xte, yte = _train_test(model, train, test, classnames, batch_size, progress)
+    if k_shot is not None:
+        keep = few_shot_indices(ytr, k_shot, seed)
+        xtr, ytr = xtr[keep], ytr[keep]
+    scores = knn_classify(xtr, ytr, xte, num_classes=len(keys), k=k)
+    metrics = classification_metrics(scores, yte, keys)
+    metrics.update({"k": k, "k_shot": k_shot, "num_train": int(len(ytr))})
+    return report(test.name, model_name, "knn", metrics, train_dataset=train.name)
