@@ -117,3 +117,14 @@ tasks:
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| colours | zeroshot_classification |" in summary and "skipped stamps" in summary
     assert (tmp_path / "out" / "summary.csv").read_text().startswith("task,kind,dataset")
+
+
+def test_readme_zero_shot_example_runs_as_written(tmp_path, checkpoint, monkeypatch):
+    """The README's Python example, with the demo checkpoint swapped for a tiny one."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Zero-shot classification", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'load_model("runs/lit-minilm-emoji/final")' in block
+    monkeypatch.setenv("VLP_CACHE_DIR", str(tmp_path / "cache"))
+    namespace: dict = {}
+    exec(block.replace("runs/lit-minilm-emoji/final", str(checkpoint)), namespace)
+    assert len(namespace["labels"]) == 2 and all(len(pair) == 2 for pair in namespace["labels"])
