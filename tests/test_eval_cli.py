@@ -128,3 +128,21 @@ def test_readme_zero_shot_example_runs_as_written(tmp_path, checkpoint, monkeypa
     namespace: dict = {}
     exec(block.replace("runs/lit-minilm-emoji/final", str(checkpoint)), namespace)
     assert len(namespace["labels"]) == 2 and all(len(pair) == 2 for pair in namespace["labels"])
+
+
+def test_hugging_face_dataset_with_class_labels(tmp_path):
+    """A saved `datasets` dataset whose label column is a ClassLabel: labels come back as names."""
+    import datasets
+
+    from vlpretrain.data.labelled import open_labelled_images
+
+    folders = _class_folders(tmp_path / "imgs", per_class=2)
+    paths = sorted(str(p) for p in folders.rglob("*.png"))
+    names = sorted(COLOURS)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    ds = datasets.Dataset.from_dict({"image": paths, "label": [names.index(Path(p).parent.name) for p in paths]},
+                                    features=features)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    data = open_labelled_images(str(tmp_path / "saved"))
+    assert len(data) == 6 and sorted(set(data.labels)) == names
+    assert data.labels == [Path(p).parent.name for p in paths]
