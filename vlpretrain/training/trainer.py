@@ -147,6 +147,19 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     tc = cfg.train
     set_seed(tc.seed)
     world = accelerator.num_processes
+    # Checked before anything is written, so a refused run leaves the earlier one untouched.
+    earlier = list_checkpoints(output_dir)
+    if earlier and not tc.resume:
+        if not tc.overwrite:
+            raise ValueError(f"{output_dir} already holds checkpoints of an earlier run ({earlier[-1].name}); "
+                             f"pass --resume (train.resume=latest) to continue it, train.overwrite=true to "
+                             f"replace it, or another train.output_dir")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            logger.warning("train.overwrite: removing %d checkpoints of an earlier run in %s", len(earlier), output_dir)
+            for path in earlier:
+                shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -174,18 +187,6 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     unwrapped = accelerator.unwrap_model(model)
 
     step, start_epoch, skip_batches, samples_seen = 0, 0, 0, 0
-    earlier = list_checkpoints(output_dir)
-    if earlier and not tc.resume:
-        if not tc.overwrite:
-            raise ValueError(f"{output_dir} already holds checkpoints of an earlier run ({earlier[-1].name}); "
-                             f"pass --resume (train.resume=latest) to continue it, train.overwrite=true to "
-                             f"replace it, or another train.output_dir")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            logger.warning("train.overwrite: removing %d checkpoints of an earlier run in %s", len(earlier), output_dir)
-            for path in earlier:
-                shutil.rmtree(path, ignore_errors=True)
-        accelerator.wait_for_everyone()
     if tc.resume:
         checkpoint = resolve_resume(tc.resume, output_dir)
         if checkpoint is None:
