@@ -112,7 +112,7 @@ def test_open_clip_architecture_by_name():
 
 def test_locked_text_cache_matches_the_tower():
     cfg = ModelConfig(arch="ViT-B-32", embed_dim=16, text_tower="hf:minilm-l6", lock_text=True,
-                      vision=dict(TINY_VISION), text={"context_length": 16})
+                      cached_text_dropout=0.0, vision=dict(TINY_VISION), text={"context_length": 16})
     model = build_model(cfg)
     assert model.text_cache is not None
     model.eval()
@@ -143,3 +143,17 @@ def test_hf_text_tower_partial_unlock():
     trainable = {n for n, p in model.clip.text.transformer.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("encoder.layer.4.", "encoder.layer.5.")) for n in trainable)
     assert any(n.startswith("encoder.layer.4.") for n in trainable)
+
+
+def test_cached_text_dropout_only_in_training():
+    cfg = ModelConfig(arch="ViT-B-32", embed_dim=16, text_tower="hf:minilm-l6", lock_text=True,
+                      cached_text_dropout=0.5, vision=dict(TINY_VISION), text={"context_length": 16})
+    model = build_model(cfg)
+    tokens = model.tokenizer(["grinning face", "red heart"])
+    model.eval()
+    clean = model.encode_text(tokens)
+    assert torch.equal(clean, model.encode_text(tokens))
+    model.train()
+    torch.manual_seed(0)
+    noisy = model.encode_text(tokens)
+    assert not torch.allclose(noisy, clean, atol=1e-3)

@@ -55,6 +55,7 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     cache_locked_text: bool = True
+    cached_text_dropout: float = 0.1
     image_mean: Optional[list] = None
     image_std: Optional[list] = None
 

@@ -52,6 +52,7 @@ class DualEncoder(nn.Module):
         self.open_clip_config = open_clip_config
         self.max_logit_scale = max_logit_scale
         self.text_cache = None
+        self.cached_text_dropout = 0.0
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -88,13 +89,19 @@ class DualEncoder(nn.Module):
 
         text = self.clip.text
         pooled = self.text_cache.lookup(tokens, hf_frozen_output(text))
+        if self.training and self.cached_text_dropout > 0:
+            # The cached features come from the tower in eval mode; dropout on them stands in for the
+            # tower's own dropout, which regularises the trainable head (better zero-shot transfer).
+            pooled = nn.functional.dropout(pooled, self.cached_text_dropout, training=True)
         return text.proj(pooled)
 
-    def enable_text_cache(self, max_entries: int = 1_000_000) -> None:
-        """Cache the locked text transformer's output per caption (see ``text_cache.py``)."""
+    def enable_text_cache(self, max_entries: int = 1_000_000, dropout: float = 0.0) -> None:
+        """Cache the locked text transformer's output per caption (see ``text_cache.py``); in
+        training, ``dropout`` is applied to the cached features."""
         from .text_cache import LockedTextCache
 
         self.text_cache = LockedTextCache(max_entries)
+        self.cached_text_dropout = dropout
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalized features of both towers and the (exponentiated) logit scale, ready for a loss."""

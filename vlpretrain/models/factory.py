@@ -68,7 +68,7 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
     if cfg.lock_text:
         model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
         if cfg.cache_locked_text and model.text_transformer_frozen():
-            model.enable_text_cache()
+            model.enable_text_cache(dropout=cfg.cached_text_dropout)
     return model
 
 
