@@ -12,7 +12,7 @@ from vlpretrain.config import ModelConfig
 from vlpretrain.models import build_model
 from vlpretrain.training.optim import parameter_groups
 
-from helpers import TINY_TEXT, TINY_VISION, tiny_model_config
+from helpers import TINY_VISION, tiny_model_config
 
 
 def _check_interface(model, image_size: int) -> None:

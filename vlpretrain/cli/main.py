@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..data.images import BadImageError
+
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BadImageError) as e:
         # Configuration and data errors are the user's to fix: one line, no traceback.
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -101,33 +100,16 @@ def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Union
     return path
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, images: Sequence, sources: Sequence[str], transform):
-        self.images, self.sources, self.transform = images, sources, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from ..data.images import BadImageError, load_rgb
-
-        try:
-            return self.transform(load_rgb(self.images[i]))
-        except BadImageError as e:
-            raise ValueError(f"{self.sources[i]}: {e}") from None
-
-
-@torch.no_grad()
 def encode_labelled(model, data: LabelledImages, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Normalized image features of a labelled set, in order."""
-    from tqdm.auto import tqdm
+    from .zeroshot import encode_images
 
+    was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(_Images(data.images, data.sources, model.preprocess), batch_size=batch_size)
-    chunks = [model.encode_image(batch.to(device)).float().cpu()
-              for batch in tqdm(loader, desc=f"encode {data.name}", disable=not progress, leave=False)]
-    return torch.cat(chunks)
+    try:
+        return encode_images(model, data.images, batch_size, progress)
+    finally:
+        model.train(was_training)
 
 
 def _train_test(model, train: LabelledImages, test: LabelledImages, classnames, batch_size, progress):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .templates import TemplateSpec, load_templates, render_template
 
-__all__ = ["ZeroShotClassifier", "ZEROSHOT_LOGIT_SCALE"]
+__all__ = ["ZeroShotClassifier", "ZEROSHOT_LOGIT_SCALE", "encode_images"]
 
 # CLIP's zero-shot eval multiplies cosine similarities by 100 (its clamped maximum logit scale), not
 # by the model's learned scale, so numbers are comparable across checkpoints; open_clip does the same.
@@ -67,7 +67,6 @@ class ZeroShotClassifier:
         self.progress = progress
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
-        self._dtype = param.dtype
         self._per_template: Optional[torch.Tensor] = None
         self.weights = self._build_weights()
 
@@ -115,6 +114,11 @@ class ZeroShotClassifier:
         # All prompts of all classes are flattened and encoded batch_size at a time (a batch may span
         # classes, or split one), then averaged per class: many prompts per forward whatever the
         # number of templates, and per-class dicts with uneven prompt counts need no special case.
+        if not isinstance(self.templates, dict):
+            # Format-string templates: encode each (template, class) prompt once; the class weights
+            # and the per-template weights (for prompt sensitivity) both come from these features.
+            per_template = self.per_template_weights()  # (T, D, C), unit-norm columns
+            return F.normalize(per_template.mean(0), dim=0).contiguous()
         prompts, owner = [], []
         for index, name in enumerate(self.classnames):
             class_prompts = self.prompts_for(name)
@@ -150,70 +154,15 @@ class ZeroShotClassifier:
     # -- image side --------------------------------------------------------------------------
 
     def encode_images(self, images: ImagesLike) -> torch.Tensor:
-        """(N, D) unit-norm float32 image features on CPU.
-
-        ``images`` is a float tensor already preprocessed ((N, 3, H, W), or one (3, H, W) image), a
-        PIL image or path, or any sequence / iterable (a list, an ``ImageCaptionCorpus``) whose items
-        are PIL images, paths, encoded bytes or rows with an ``.image`` attribute. Files are decoded
-        with :func:`vlpretrain.data.load_rgb` and ``model.preprocess``.
-
-        Raises:
-            vlpretrain.data.BadImageError: an image cannot be read (the message names it).
+        """(N, D) unit-norm float32 image features on CPU; see :func:`encode_images`.
 
         Example:
             >>> clf.encode_images(["a.png", "b.jpg"]).shape
             torch.Size([2, 16])
         """
-        chunks = []
         with self._eval_mode():
-            for batch in self._image_batches(images):
-                batch = batch.to(device=self.device, dtype=self._dtype)
-                chunks.append(F.normalize(self.model.encode_image(batch, normalize=False).float(), dim=-1).cpu())
-        if not chunks:
-            return torch.zeros(0, self.weights.shape[0])
-        return torch.cat(chunks)
-
-    def _image_batches(self, images: ImagesLike) -> Iterator[torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            if not images.is_floating_point():
-                raise TypeError(f"image tensor must be float and already preprocessed (model.preprocess), got {images.dtype}")
-            if images.dim() == 3:
-                images = images[None]
-            if images.dim() != 4:
-                raise ValueError(f"image tensor must be (N, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
-            starts = range(0, images.shape[0], self.batch_size)
-            for start in tqdm(starts, desc="encode images", disable=not self.progress or len(starts) <= 1, leave=False):
-                yield images[start:start + self.batch_size]
-            return
-        if _is_single_image(images):
-            images = [images]
-        total = len(images) if hasattr(images, "__len__") else None
-        # Index when possible: corpora support len() and [] but need not be iterable.
-        items: Iterable[Any] = (images[i] for i in range(total)) if total is not None and hasattr(images, "__getitem__") else images
-        bar = tqdm(total=total, desc="encode images", unit="img", leave=False,
-                   disable=not self.progress or (total is not None and total <= self.batch_size))
-        batch: list[torch.Tensor] = []
-        try:
-            for item in items:
-                batch.append(self._load(item))
-                if len(batch) == self.batch_size:
-                    yield torch.stack(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                yield torch.stack(batch)
-                bar.update(len(batch))
-        finally:
-            bar.close()
-
-    def _load(self, item: Any) -> torch.Tensor:
-        from ..data.images import load_rgb
-
-        if hasattr(item, "image") and not _is_single_image(item):
-            item = item.image  # a CorpusRow
-        if isinstance(item, torch.Tensor):
-            return item
-        return self.model.preprocess(load_rgb(item))
+            features = encode_images(self.model, images, self.batch_size, self.progress, self.device)
+        return features if len(features) else torch.zeros(0, self.weights.shape[0])
 
     # -- scores ------------------------------------------------------------------------------
 
@@ -258,6 +207,76 @@ class ZeroShotClassifier:
         if top_k == 1:
             return [row[0] for row in labels], scores[:, 0]
         return labels, scores
+
+
+@torch.no_grad()
+def encode_images(model, images: ImagesLike, batch_size: int = 256, progress: bool = True,
+                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """(N, D) unit-norm float32 image features on CPU, in input order.
+
+    ``images`` is a float tensor already preprocessed ((N, 3, H, W), or one (3, H, W) image), a
+    PIL image or path, or any sequence / iterable (a list, an ``ImageCaptionCorpus``) whose items
+    are PIL images, paths, encoded bytes or rows with an ``.image`` attribute. Files are decoded
+    with :func:`vlpretrain.data.load_rgb` and ``model.preprocess``.
+
+    Raises:
+        vlpretrain.data.BadImageError: an image cannot be read (the message names it).
+
+    Example:
+        >>> encode_images(model, ["a.png", "b.jpg"]).shape
+        torch.Size([2, 16])
+    """
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    chunks = []
+    for batch in _image_batches(model, images, batch_size, progress):
+        batch = batch.to(device=device, dtype=param.dtype)
+        chunks.append(F.normalize(model.encode_image(batch, normalize=False).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _image_batches(model, images: ImagesLike, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if not images.is_floating_point():
+            raise TypeError(f"image tensor must be float and already preprocessed (model.preprocess), got {images.dtype}")
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4:
+            raise ValueError(f"image tensor must be (N, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+        starts = range(0, images.shape[0], batch_size)
+        for start in tqdm(starts, desc="encode images", disable=not progress or len(starts) <= 1, leave=False):
+            yield images[start:start + batch_size]
+        return
+    if _is_single_image(images):
+        images = [images]
+    total = len(images) if hasattr(images, "__len__") else None
+    # Index when possible: corpora support len() and [] but need not be iterable.
+    items: Iterable[Any] = (images[i] for i in range(total)) if total is not None and hasattr(images, "__getitem__") else images
+    bar = tqdm(total=total, desc="encode images", unit="img", leave=False,
+               disable=not progress or (total is not None and total <= batch_size))
+    batch: list[torch.Tensor] = []
+    try:
+        for item in items:
+            batch.append(_load(model, item))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def _load(model, item: Any) -> torch.Tensor:
+    from ..data.images import load_rgb
+
+    if hasattr(item, "image") and not _is_single_image(item):
+        item = item.image  # a CorpusRow
+    if isinstance(item, torch.Tensor):
+        return item
+    return model.preprocess(load_rgb(item))
 
 
 def _is_single_image(x: Any) -> bool:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_with_grad, get_rank, get_world_size
+from ..distributed import all_gather_with_grad, get_rank
 
 
 class ContrastiveLoss(nn.Module):
