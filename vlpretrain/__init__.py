@@ -10,8 +10,9 @@ from .config import ConfigError, RecipeConfig, load_recipe
 from .evaluation.zeroshot import ZeroShotClassifier
 from .losses import ContrastiveLoss, create_loss
 from .models import DualEncoder, build_model, load_model
+from .retrieval import EmbeddingSet, RetrievalIndex, export_embeddings
 
 __version__ = "0.1.0"
 
-__all__ = ["ZeroShotClassifier", "load_model", "build_model", "DualEncoder", "ContrastiveLoss", "create_loss", "load_recipe",
+__all__ = ["ZeroShotClassifier", "RetrievalIndex", "EmbeddingSet", "export_embeddings", "load_model", "build_model", "DualEncoder", "ContrastiveLoss", "create_loss", "load_recipe",
            "RecipeConfig", "ConfigError", "__version__"]

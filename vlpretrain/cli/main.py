@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, eval as eval_cli, train
+from . import demo, embed, eval as eval_cli, index, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(commands)
     demo.add_parser(commands)
     eval_cli.add_parser(commands)
+    embed.add_parser(commands)
+    index.add_parser(commands)
     return parser
 
 

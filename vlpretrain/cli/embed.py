@@ -1,0 +1,102 @@
+"""``vlp embed``: encode a corpus into a folder of embedding shards (resumable, multi-process)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+DESCRIPTION = """\
+Encode every image and every caption of a corpus with a model's eval preprocessing, into OUT:
+
+  OUT/image/000000.npy ...      (rows, D) unit-norm embeddings; undecodable images are zero rows
+  OUT/text/000000.npy ...       (captions, D), the captions of the shard's rows in row order
+  OUT/meta/000000.parquet ...   row, image, captions, ok, and the corpus's extra columns
+  OUT/text_meta/000000.parquet  row, caption
+  OUT/manifest.json             model signature, dim, dtype, counts; written when all shards are done
+
+An interrupted export resumes from its finished shards when rerun with the same arguments; a finished
+one is left as it is. OUT holding an export of another model or other arguments is an error.
+
+Several processes (GPUs, or gloo processes on a CPU-only machine), shard k encoded by process k % N:
+  accelerate launch --multi_gpu --num_processes N -m vlpretrain.cli.main embed --model M --data D --out OUT"""
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("embed", help="export image and text embeddings of a corpus as .npy shards",
+                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    p.add_argument("--data", required=True,
+                   help="the corpus: a CSV/TSV/JSONL/parquet table, a saved or imagefolder dataset, hf:NAME, or "
+                        "emoji:SPLIT (the offline demo corpus)")
+    p.add_argument("--out", required=True, help="output folder (created; rerun with the same one to resume)")
+    p.add_argument("--modality", choices=("image", "text", "both"), default="both",
+                   help="which embeddings to export (default: both)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="storage type of the embeddings (default: float16)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="corpus rows per shard (default: 10000)")
+    p.add_argument("--batch-size", type=int, default=256, help="images / captions per forward pass (default: 256)")
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="image decoding processes per export process (default: 4; 0 decodes in the main one)")
+    p.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
+    p.add_argument("--caption-column", default="caption",
+                   help="caption column of a table or dataset; several as a comma-separated list, e.g. "
+                        "caption_1,caption_2 (default: caption)")
+    p.add_argument("--split", default=None, help="split of a dataset folder or hf:NAME (default: train)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+@contextlib.contextmanager
+def _console_logging(rank: int, is_main: bool) -> Iterator[None]:
+    """Log lines to stderr while the command runs: INFO on the main process, warnings on the others."""
+    root = logging.getLogger("vlpretrain")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("vlp embed: %(message)s" if is_main else f"vlp embed [rank {rank}]: %(message)s"))
+    handler.setLevel(logging.INFO if is_main else logging.WARNING)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def run(args) -> int:
+    import torch
+    from accelerate import Accelerator
+
+    from ..config import DataConfig
+    from ..models import load_model
+    from ..retrieval.embeddings import MANIFEST_NAME, export_embeddings
+    from ..training.data import open_named_corpus
+
+    captions = [c.strip() for c in args.caption_column.split(",") if c.strip()]
+    if not captions:
+        raise ValueError("--caption-column: give a column name (or several, comma-separated)")
+    data = DataConfig(image_column=args.image_column, caption_column=captions[0] if len(captions) == 1 else captions)
+    modalities = ("image", "text") if args.modality == "both" else (args.modality,)
+    # cpu=True when there is no GPU is what lets `accelerate launch` run gloo processes on a CPU box.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    with _console_logging(accelerator.process_index, accelerator.is_main_process):
+        # The main process first: opening emoji:SPLIT builds the demo corpus once, not once per process.
+        with accelerator.main_process_first():
+            corpus = open_named_corpus(args.data, data, args.split)
+        model = load_model(args.model)
+        was_finished = (Path(args.out) / MANIFEST_NAME).is_file()
+        emb = export_embeddings(model, corpus, args.out, spec=str(args.model), data_spec=args.data,
+                                modalities=modalities, dtype=args.dtype, shard_size=args.shard_size,
+                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                progress=not args.no_progress, accelerator=accelerator)
+    if accelerator.is_main_process:
+        c = emb.counts
+        parts = ([f"{c['image']} images ({c['bad_images']} bad)"] if "image" in emb.modalities else []) + \
+                ([f"{c['text']} captions"] if "text" in emb.modalities else [])
+        prefix = "already finished, nothing to do: " if was_finished else ""
+        print(f"{prefix}embedded {c['rows']} rows of {args.data}: {', '.join(parts)}; dim {emb.dim}, "
+              f"{emb.manifest['dtype']}, {emb.num_shards} shards in {emb.path}")
+    return 0

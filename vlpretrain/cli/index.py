@@ -1,0 +1,205 @@
+"""``vlp index build | add | query | info``: FAISS indexes over embedding exports, and searching them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("index", help="build, grow, query and describe FAISS retrieval indexes",
+                            description="FAISS retrieval indexes over embeddings written by `vlp embed` (or "
+                                        "embedded on the fly from --model and --data).")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    b = actions.add_parser(
+        "build", help="build an index from embedding folders, or from a model and data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build an index into --out (replaced atomically).\n\n"
+                    "  vlp index build emb/pairs --out indexes/pairs\n"
+                    "  vlp index build --model runs/demo/final --data emoji:test --out indexes/emoji\n\n"
+                    "--kind auto is exact (flat) below a million vectors that fit the memory budget, else\n"
+                    "HNSW when the vectors and graph fit, else IVF-PQ. Approximate indexes are trained on a\n"
+                    "seeded sample, nprobe / efSearch are tuned to recall@10 >= 0.95, and recall@10 against\n"
+                    "exact search is measured on up to 1000 held-out image and 1000 text queries; a warning\n"
+                    "is given when cross-modal queries lose recall. With --model and --data the embeddings\n"
+                    "are exported first and kept in OUT/embeddings (staged in OUT.embeddings-partial, so an\n"
+                    "interrupted export resumes when the command is run again).")
+    b.add_argument("embeddings", nargs="*", metavar="EMB_DIR", help="embedding folders written by `vlp embed`")
+    b.add_argument("--model", default=None, help="embed --data with this model first (checkpoint folder, recipe "
+                                                  ".yaml or open_clip:ARCH[/TAG])")
+    b.add_argument("--data", default=None, help="the corpus to embed with --model (CSV/JSONL/parquet, dataset "
+                                                 "folder, hf:NAME, emoji:SPLIT)")
+    b.add_argument("--split", default=None, help="split of a Hugging Face dataset given as --data")
+    b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
+    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+                   help="index kind (default: auto, chosen from size and memory budget)")
+    b.add_argument("--memory-budget", default="4GB",
+                   help="memory the index may take, e.g. 4GB, 512MB, 2GiB (default: 4GB)")
+    b.add_argument("--modality", default="image", choices=["image", "text"],
+                   help="what the index holds: image embeddings (search images by text or image) or caption "
+                        "embeddings (default: image)")
+    b.add_argument("--seed", type=int, default=0, help="seed of training sample and recall queries (default: 0)")
+    b.add_argument("--batch-size", type=int, default=256, help="embedding batch size with --model (default: 256)")
+    b.add_argument("--num-workers", type=int, default=0, help="image decoding workers with --model (default: 0)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(run=run_build)
+
+    a = actions.add_parser("add", help="add embedding folders to an existing index",
+                           description="Add the vectors of more embedding folders (made with the same model) to "
+                                       "INDEX_DIR; ids continue, an IVF index keeps its trained quantizer, recall@10 "
+                                       "is measured again, and the folder is rewritten atomically.")
+    a.add_argument("index", metavar="INDEX_DIR")
+    a.add_argument("embeddings", nargs="+", metavar="EMB_DIR")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.set_defaults(run=run_add)
+
+    q = actions.add_parser("query", help="search an index by text or image",
+                           description="Print the top -k hits: rank, score, image path, caption.")
+    q.add_argument("index", metavar="INDEX_DIR")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", default=None, help="query text")
+    what.add_argument("--image", default=None, metavar="PATH", help="query image file")
+    q.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
+    q.add_argument("--model", default=None,
+                   help="model that embeds the query (default: the model spec stored with the index)")
+    q.add_argument("--json", action="store_true", help="print the hits as a JSON list")
+    q.set_defaults(run=run_query)
+
+    i = actions.add_parser("info", help="describe an index: kind, size, model, search parameters, recall",
+                           description="Print INDEX_DIR/info.json readably (or as JSON with --json).")
+    i.add_argument("index", metavar="INDEX_DIR")
+    i.add_argument("--json", action="store_true", help="print info.json as it is")
+    i.set_defaults(run=run_info)
+
+
+def _print_warnings(info: dict) -> None:
+    for warning in info.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _recall_line(recall: dict) -> str:
+    if recall.get("exact"):
+        return "exact (flat index): 1.0 by construction"
+    parts = [f"{name} queries {recall[f'{name}_queries']:.3f}" for name in ("image", "text")
+             if recall.get(f"{name}_queries") is not None]
+    stale = " (not re-measured after the last add)" if recall.get("stale") else ""
+    return f"{', '.join(parts) or 'not measured'} ({recall.get('num_queries', 0)} queries){stale}"
+
+
+def _summary(index) -> str:
+    info = index.info
+    params = ", ".join(f"{k}={v}" for k, v in info["search_params"].items()) or "none"
+    return (f"{index.path}: {info['kind']} index ({info['factory']}) of {info['ntotal']} {info['modality']} "
+            f"vectors, dim {info['dim']}; search {params}; recall@10 {_recall_line(info['recall@10'])}")
+
+
+def run_build(args) -> int:
+    from ..retrieval.index import RetrievalIndex
+
+    if args.embeddings and (args.model or args.data):
+        raise ValueError("give embedding folders or --model with --data, not both")
+    if not args.embeddings and not (args.model and args.data):
+        raise ValueError("nothing to index: give embedding folders (EMB_DIR), or --model and --data to embed first")
+    options = dict(kind=args.kind, memory_budget=args.memory_budget, modality=args.modality, seed=args.seed,
+                   progress=not args.no_progress)
+    if args.embeddings:
+        index = RetrievalIndex.build(args.embeddings, args.out, **options)
+    else:
+        from ..config import DataConfig
+        from ..models import load_model
+        from ..retrieval.faiss_index import parse_memory
+        from ..training.data import open_named_corpus
+
+        parse_memory(args.memory_budget)  # a typo fails before loading the model
+        corpus = open_named_corpus(args.data, DataConfig(), args.split)
+        model = load_model(args.model)
+        index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model), data_spec=args.data,
+                                                 batch_size=args.batch_size, num_workers=args.num_workers, **options)
+    print(_summary(index))
+    _print_warnings(index.info)
+    return 0
+
+
+def run_add(args) -> int:
+    from ..retrieval.index import RetrievalIndex
+
+    index = RetrievalIndex.load(args.index)
+    before = index.ntotal
+    index.add(args.embeddings, progress=not args.no_progress)
+    print(f"added {index.ntotal - before} vectors (ids {before}..{index.ntotal - 1})")
+    print(_summary(index))
+    _print_warnings(index.info)
+    return 0
+
+
+def run_query(args) -> int:
+    from ..retrieval.index import RetrievalIndex
+
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
+    index = RetrievalIndex.load(args.index, model_spec=args.model)
+    if args.text is not None:
+        hits = index.search(texts=[args.text], k=args.k)[0]
+    else:
+        from pathlib import Path
+
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        hits = index.search(images=[args.image], k=args.k)[0]
+    if args.json:
+        print(json.dumps(hits, indent=2, default=str))
+        return 0
+    for hit in hits:
+        print(f"{hit['rank']:>4}  {hit['score']:.4f}  {hit['image'] or '(in-memory image)'}  {hit['caption']}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # not reached
+
+
+def run_info(args) -> int:
+    from pathlib import Path
+
+    from ..retrieval.index import INDEX_NAME, read_info
+
+    path = Path(args.index)
+    info = read_info(path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    index_file = path / INDEX_NAME
+    actual = index_file.stat().st_size if index_file.is_file() else 0
+    health = "" if actual == info.get("index_bytes") else \
+        f"  (the file is {actual} bytes, expected {info.get('index_bytes')}: truncated or corrupt)"
+    params = ", ".join(f"{k}={v}" for k, v in info.get("search_params", {}).items()) or "none"
+    signature = info.get("signature", {})
+    rows = [
+        ("index", str(path)),
+        ("kind", f"{info.get('kind')} ({info.get('factory')})"),
+        ("vectors", f"{info.get('ntotal')} {info.get('modality')} embeddings, dim {info.get('dim')}"),
+        ("model", f"{signature.get('model') or '(unnamed)'} (dim {signature.get('dim')})"),
+        ("search params", params),
+        ("recall@10", _recall_line(info.get("recall@10", {}))),
+        ("size on disk", f"{_size(info.get('index_bytes', 0))} index.faiss, {_size(on_disk)} in all{health}"),
+        ("memory budget", _size(info.get("memory_budget", 0))),
+        ("build time", f"{info.get('build_seconds', 0):.1f} s"
+                       + (f", created {info['created']}" if info.get("created") else "")),
+        ("sources", ", ".join(info.get("sources", [])) or "-"),
+    ]
+    width = max(len(name) for name, _ in rows) + 1
+    for name, value in rows:
+        print(f"{name + ':':<{width}} {value}")
+    warnings = info.get("warnings", [])
+    print(f"{'warnings:':<{width}} {'none' if not warnings else ''}".rstrip())
+    for warning in warnings:
+        print(f"  - {warning}")
+    return 0

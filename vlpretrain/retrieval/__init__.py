@@ -1,0 +1,14 @@
+"""Image-text retrieval: embedding export, FAISS indexes, and the model signature they remember.
+
+Example:
+    >>> from vlpretrain.retrieval import RetrievalIndex, export_embeddings
+    >>> emb = export_embeddings(model, open_corpus("pairs.csv"), "emb/pairs", spec="runs/demo-emoji/final")
+    >>> index = RetrievalIndex.build(emb, "indexes/pairs")
+    >>> index.search(texts=["a red heart"], k=5)[0][0]["image"]
+"""
+
+from .embeddings import EmbeddingSet, export_embeddings
+from .index import RetrievalIndex
+from .signature import PROBE_TEXTS, check_same_model, model_signature
+
+__all__ = ["RetrievalIndex", "EmbeddingSet", "export_embeddings", "model_signature", "check_same_model", "PROBE_TEXTS"]

@@ -1,0 +1,545 @@
+"""Embedding export: a corpus encoded once into numbered shards, resumable, over one or many processes.
+
+Layout of an export folder ``OUT`` (shard ``k`` covers corpus rows ``[k*S, min((k+1)*S, N))``)::
+
+    OUT/manifest.json            written last, when every shard is done
+    OUT/image/000000.npy         (rows, D) unit-norm float16/float32; an undecodable image gives a zero row
+    OUT/text/000000.npy          (captions, D), the captions of the shard's rows in row order
+    OUT/meta/000000.parquet      row, image, captions, ok, extra corpus columns; written last per shard
+    OUT/text_meta/000000.parquet row, caption
+    OUT/.export.json             signature and arguments of the export, so a resume can check them
+
+Example:
+    >>> from vlpretrain.data import open_corpus
+    >>> from vlpretrain.models import load_model
+    >>> model = load_model("runs/demo-emoji/final")
+    >>> emb = export_embeddings(model, open_corpus("data/pairs.csv"), "emb/pairs", spec="runs/demo-emoji/final")
+    >>> emb.image_embeddings().shape, emb.text_metadata().columns.tolist()
+    ((1000, 256), ['row', 'caption'])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .signature import check_same_model, model_signature
+
+__all__ = ["EmbeddingSet", "export_embeddings", "FORMAT", "MANIFEST_NAME", "STATE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "vlpretrain-embeddings-v1"
+MANIFEST_NAME = "manifest.json"
+STATE_NAME = ".export.json"
+STATE_FORMAT = "vlpretrain-embeddings-export-state-v1"
+MODALITIES = ("image", "text")
+DTYPES = ("float16", "float32")
+SHARD_FOLDERS = ("image", "text", "meta", "text_meta")
+# Column names of meta/*.parquet; a corpus extra column with one of these names gets an "extra_" prefix.
+META_COLUMNS = ("row", "image", "captions", "ok")
+MAX_BAD_IMAGES_LOGGED = 20
+
+
+def _shard_name(k: int, ext: str) -> str:
+    return f"{k:06d}.{ext}"
+
+
+def _unfinished_message(path: Path) -> str:
+    return (f"{path} has no manifest.json: the export is unfinished; rerun `vlp embed` with the same "
+            f"arguments to resume")
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class EmbeddingSet:
+    """A finished embedding export folder (see the module docstring for its layout).
+
+    Example:
+        >>> emb = EmbeddingSet.open("emb/pairs")
+        >>> emb.dim, emb.manifest["counts"]
+        (256, {'rows': 1000, 'image': 1000, 'text': 5000, 'bad_images': 0})
+        >>> images, meta = emb.image_embeddings(), emb.metadata()   # (1000, 256) float32, 1000 rows
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: Union[str, os.PathLike]) -> "EmbeddingSet":
+        """Open a finished export; a folder without ``manifest.json`` is an unfinished export.
+
+        Example:
+            >>> EmbeddingSet.open("emb/pairs").signature["model"]
+            'runs/demo-emoji/final'
+        """
+        import json
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such embedding folder (make one with `vlp embed`)")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(_unfinished_message(path))
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{manifest_path}: not valid JSON ({e}); delete {path} and export again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ValueError(f"{manifest_path}: format {found!r} is not {FORMAT!r}: export again with `vlp embed`")
+        return cls(path, manifest)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingSet({str(self.path)!r}, dim={self.dim}, counts={self.counts})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        return self.manifest["signature"]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest["modalities"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.manifest["counts"])
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.manifest["num_shards"])
+
+    def _shard_files(self, folder: str, ext: str) -> list[Path]:
+        files = [self.path / folder / _shard_name(k, ext) for k in range(self.num_shards)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing: the embedding folder {self.path} is incomplete; "
+                                        f"delete it and export again with `vlp embed`")
+        return files
+
+    def _embeddings(self, modality: str) -> np.ndarray:
+        if modality not in self.modalities:
+            raise ValueError(f"{self.path} holds no {modality} embeddings (exported with modalities "
+                             f"{self.modalities}): export again with --modality {modality} or both")
+        parts = [np.load(f) for f in self._shard_files(modality, "npy")]
+        out = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, self.dim), np.float32)
+        expected = int(self.counts[modality])
+        if out.shape != (expected, self.dim):
+            raise ValueError(f"{self.path}/{modality}: shards hold {out.shape} embeddings, the manifest says "
+                             f"({expected}, {self.dim}): delete {self.path} and export again")
+        return out
+
+    def image_embeddings(self) -> np.ndarray:
+        """(N, D) float32 image embeddings in corpus row order (zero rows where ``ok`` is False)."""
+        return self._embeddings("image")
+
+    def text_embeddings(self) -> np.ndarray:
+        """(M, D) float32 caption embeddings in the order of :meth:`text_metadata`."""
+        return self._embeddings("text")
+
+    def metadata(self):
+        """One row per corpus row: ``row``, ``image``, ``captions``, ``ok`` and the corpus's extra columns."""
+        import pandas as pd
+
+        frames = [pd.read_parquet(f) for f in self._shard_files("meta", "parquet")]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(META_COLUMNS))
+
+    def text_metadata(self):
+        """One row per caption: ``row`` (the corpus row it belongs to) and ``caption``."""
+        import pandas as pd
+
+        if "text" not in self.modalities:
+            raise ValueError(f"{self.path} holds no text embeddings (exported with modalities {self.modalities}): "
+                             f"export again with --modality text or both")
+        frames = [pd.read_parquet(f) for f in self._shard_files("text_meta", "parquet")]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "caption"])
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` into a temp file next to ``path``, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
+def _save_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    _atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+# ----------------------------------------------------------------------------- loading rows
+
+
+class _Rows(Dataset):
+    """Corpus rows with their decoded, eval-preprocessed image (``None`` where decoding failed)."""
+
+    def __init__(self, corpus: Any, transform: Callable, decode: bool):
+        self.corpus, self.transform, self.decode = corpus, transform, decode
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from ..data.images import BadImageError, load_rgb
+
+        row = self.corpus[index]
+        image, error = None, None
+        if self.decode:
+            try:
+                image = self.transform(load_rgb(row.image))
+            except BadImageError as e:
+                error = str(e)  # the row is kept (zero vector, ok=False) so captions stay aligned
+        return {"row": index, "image": image, "error": error,
+                "path": row.image if isinstance(row.image, str) else "",
+                "captions": list(row.captions), "extras": dict(row.extras), "source": row.source}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    ok = [item["error"] is None for item in items]
+    images = None
+    if any(item["image"] is not None for item in items):
+        template = next(item["image"] for item in items if item["image"] is not None)
+        images = torch.stack([item["image"] if item["image"] is not None else torch.zeros_like(template)
+                              for item in items])
+    batch["images"], batch["ok"] = images, ok
+    return batch
+
+
+def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Batches of row indices that never straddle a shard boundary, shards in the given order."""
+    batches = []
+    for k in shards:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+        batches.extend(list(range(b, min(b + batch_size, hi))) for b in range(lo, hi, batch_size))
+    return batches
+
+
+# ----------------------------------------------------------------------------- one shard
+
+
+@torch.no_grad()
+def _encode_texts(model, captions: list[str], batch_size: int, device: torch.device) -> np.ndarray:
+    chunks = [model.encode_text(model.tokenizer(captions[i:i + batch_size]).to(device)).float().cpu()
+              for i in range(0, len(captions), batch_size)]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.embed_dim), np.float32)
+
+
+def _meta_table(shard: dict[str, list], extra_names: dict[str, str]):
+    import pyarrow as pa
+
+    columns = {
+        "row": pa.array(shard["row"], pa.int64()),
+        "image": pa.array(shard["path"], pa.string()),
+        "captions": pa.array(shard["captions"], pa.list_(pa.string())),
+        "ok": pa.array(shard["ok"], pa.bool_()),
+    }
+    for name, column in extra_names.items():
+        values = [extras.get(name) for extras in shard["extras"]]
+        try:
+            columns[column] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            # Mixed or exotic values (e.g. images in an extra column): keep them readable as text.
+            columns[column] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def _write_shard(out: Path, k: int, shard: dict[str, list], image_features: Optional[np.ndarray],
+                 text_features: Optional[np.ndarray], dtype: str, extra_names: dict[str, str]) -> None:
+    """Write shard ``k``'s files; ``meta/k.parquet`` goes last, so it alone marks the shard finished."""
+    import pyarrow as pa
+
+    if image_features is not None:
+        _save_npy(out / "image" / _shard_name(k, "npy"), image_features.astype(dtype))
+    if text_features is not None:
+        rows = [r for r, caps in zip(shard["row"], shard["captions"]) for _ in caps]
+        _save_npy(out / "text" / _shard_name(k, "npy"), text_features.astype(dtype))
+        captions = [c for caps in shard["captions"] for c in caps]
+        _save_parquet(out / "text_meta" / _shard_name(k, "parquet"),
+                      pa.table({"row": pa.array(rows, pa.int64()), "caption": pa.array(captions, pa.string())}))
+    _save_parquet(out / "meta" / _shard_name(k, "parquet"), _meta_table(shard, extra_names))
+
+
+def _extra_columns(corpus: Any, first_extras: dict[str, Any]) -> dict[str, str]:
+    """Extra corpus column -> meta column name (prefixed with "extra_" where it would shadow ours)."""
+    names = list(getattr(corpus, "extra_columns", None) or first_extras)
+    columns = {name: f"extra_{name}" if name in META_COLUMNS else name for name in names}
+    renamed = [f"{name} -> {column}" for name, column in columns.items() if name != column]
+    if renamed:
+        logger.warning("extra corpus columns renamed in meta/*.parquet: %s", ", ".join(renamed))
+    return columns
+
+
+@torch.no_grad()
+def _encode_shards(model, corpus: Any, out: Path, shards: list[int], n: int, *, shard_size: int, batch_size: int,
+                   num_workers: int, modalities: list[str], dtype: str, device: torch.device,
+                   progress: bool) -> None:
+    """Encode and write ``shards`` (this process's share), one shard at a time, in order."""
+    if not shards:
+        return
+    want_images = "image" in modalities
+    # One loader over all of this process's shards keeps its decoding workers alive between shards.
+    loader = DataLoader(_Rows(corpus, model.preprocess, decode=want_images), num_workers=num_workers,
+                        batch_sampler=_shard_batches(shards, n, shard_size, batch_size), collate_fn=_collate)
+    total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in shards)
+    bar = tqdm(total=total, desc="embed", unit="row", disable=not progress)
+    was_training = model.training
+    model.eval()
+    extra_names: Optional[dict[str, str]] = None
+    current, shard, image_chunks, bad = -1, {}, [], 0
+    try:
+        for batch in loader:
+            k = batch["row"][0] // shard_size
+            if k != current:
+                current, image_chunks = k, []
+                shard = {key: [] for key in ("row", "path", "captions", "ok", "extras")}
+            for key in shard:
+                shard[key].extend(batch[key])
+            if extra_names is None:
+                extra_names = _extra_columns(corpus, batch["extras"][0])
+            if want_images:
+                features = torch.zeros(len(batch["row"]), model.embed_dim)
+                if batch["images"] is not None:
+                    features = model.encode_image(batch["images"].to(device)).float().cpu()
+                    features[~torch.tensor(batch["ok"])] = 0
+                image_chunks.append(features)
+                for ok, source, error in zip(batch["ok"], batch["source"], batch["error"]):
+                    if not ok:
+                        bad += 1
+                        if bad <= MAX_BAD_IMAGES_LOGGED:
+                            logger.warning("bad image, kept as a zero vector (ok=False): %s: %s", source, error)
+            bar.update(len(batch["row"]))
+            if len(shard["row"]) == min((k + 1) * shard_size, n) - k * shard_size:
+                captions = [c for caps in shard["captions"] for c in caps]
+                texts = _encode_texts(model, captions, batch_size, device) if "text" in modalities else None
+                images = torch.cat(image_chunks).numpy() if want_images else None
+                _write_shard(out, k, shard, images, texts, dtype, extra_names)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if bad > MAX_BAD_IMAGES_LOGGED:
+        logger.warning("%d more bad images not listed (%d in all in this process)", bad - MAX_BAD_IMAGES_LOGGED, bad)
+
+
+def _write_manifest(out: Path, signature: dict[str, Any], settings: dict[str, Any], num_shards: int,
+                    dim: int) -> dict[str, Any]:
+    """Count what the shards hold and write ``manifest.json`` (atomically, last of all files)."""
+    import pyarrow.parquet as pq
+
+    from ..evaluation.tasks import write_json
+
+    modalities = settings["modalities"]
+    texts = bad = 0
+    for k in range(num_shards):
+        if "text" in modalities:
+            texts += pq.read_metadata(out / "text_meta" / _shard_name(k, "parquet")).num_rows
+        if "image" in modalities:
+            ok = pq.read_table(out / "meta" / _shard_name(k, "parquet"), columns=["ok"]).column("ok")
+            bad += int((~ok.to_numpy(zero_copy_only=False)).sum())
+    rows = settings["rows"]
+    manifest = {
+        "format": FORMAT, "signature": signature, "dim": int(dim), "dtype": settings["dtype"], "normalized": True,
+        "modalities": modalities, "shard_size": settings["shard_size"], "num_shards": num_shards,
+        "counts": {"rows": rows, "image": rows if "image" in modalities else 0, "text": texts, "bad_images": bad},
+        "data": settings["data"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(manifest, out / MANIFEST_NAME)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): pick another --out or delete {path.parent}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an export record: pick another --out or delete {path.parent}")
+    return data
+
+
+def _check_existing(out: Path, model, spec: Optional[str], settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Refuse to mix with an earlier export of another model or other settings.
+
+    Returns the manifest when ``out`` already holds this very export, finished; else ``None``.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: pick another --out")
+    manifest_path, state_path = out / MANIFEST_NAME, out / STATE_NAME
+    if manifest_path.is_file():
+        record, manifest = _read_json(manifest_path), True
+    elif state_path.is_file():
+        record, manifest = _read_json(state_path), False
+    else:
+        if any((out / folder).exists() for folder in SHARD_FOLDERS):
+            raise ValueError(f"{out} holds shards of an unknown export (no {MANIFEST_NAME} or {STATE_NAME}): "
+                             f"pick another --out or delete {out}")
+        return None
+    stored = record.get("signature")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{out}: {manifest_path.name if manifest else STATE_NAME} has no model signature: "
+                         f"pick another --out or delete {out}")
+    check_same_model(stored, model, str(out), spec, made="holds embeddings of",
+                     advice=f"pick another --out or delete {out}")
+    old = {"data": record.get("data"), "shard_size": record.get("shard_size"), "dtype": record.get("dtype"),
+           "modalities": record.get("modalities"),
+           "rows": record.get("counts", {}).get("rows") if manifest else record.get("rows")}
+    labels = {"data": lambda v: f"data {v!r}", "shard_size": lambda v: f"shard size {v}",
+              "dtype": lambda v: f"dtype {v}", "modalities": lambda v: "modality " + "+".join(v or []),
+              "rows": lambda v: f"a corpus of {v} rows"}
+    for key, label in labels.items():
+        if old[key] != settings[key]:
+            raise ValueError(f"{out} holds an export made with {label(old[key])}, not {label(settings[key])}: "
+                             f"pick another --out or delete {out}")
+    return record if manifest else None
+
+
+def _finished_shards(out: Path, num_shards: int) -> set[int]:
+    return {k for k in range(num_shards) if (out / "meta" / _shard_name(k, "parquet")).is_file()}
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Half-written temp files of a killed export (never renamed into place)."""
+    for folder in (out, *(out / f for f in SHARD_FOLDERS)):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+class _Single:
+    """Stand-in for an ``accelerate.Accelerator`` when running in one process without one."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec: Optional[str] = None,
+                      data_spec: str = "", modalities: Sequence[str] = ("image", "text"), dtype: str = "float16",
+                      shard_size: int = 10_000, batch_size: int = 256, num_workers: int = 0, progress: bool = True,
+                      accelerator: Any = None) -> EmbeddingSet:
+    """Encode every image and every caption of ``corpus`` into the shard folder ``out``.
+
+    Resumes an interrupted export into the same ``out`` (finished shards are skipped) and returns at
+    once when ``out`` already holds this export, finished. With an ``accelerate.Accelerator`` of
+    several processes, shard ``k`` is encoded by process ``k % num_processes`` and the main process
+    writes the manifest once all are done. Images that cannot be decoded keep their row with a zero
+    embedding and ``ok=False``; they are logged and counted in the manifest.
+
+    ``spec`` names the model (stored in the signature); ``data_spec`` names the corpus (stored and
+    checked on resume). ``modalities``: "image" and/or "text"; without "image" no image is decoded
+    and ``ok`` is True for every row. ``counts`` in the manifest count the embeddings written
+    (``image`` is 0 without "image", ``text`` 0 without "text"). With an ``accelerator`` the model is
+    moved to ``accelerator.device``.
+
+    Example:
+        >>> emb = export_embeddings(model, open_named_corpus("emoji:test", DataConfig()), "emb/emoji",
+        ...                         spec="runs/demo-emoji/final", data_spec="emoji:test", shard_size=1000)
+        >>> emb.manifest["counts"]
+        {'rows': 380, 'image': 380, 'text': 760, 'bad_images': 0}
+    """
+    given = [modalities] if isinstance(modalities, str) else list(modalities)
+    unknown = [m for m in given if m not in MODALITIES]
+    modalities = [m for m in MODALITIES if m in given]
+    if unknown or not modalities:
+        raise ValueError(f"modalities: expected 'image' and/or 'text', got {unknown or 'none'}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    for name, value, least in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
+                               ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+    out = Path(out)
+    n = len(corpus)
+    if n == 0:
+        raise ValueError(f"{data_spec or getattr(corpus, 'name', 'corpus')}: no usable rows to embed")
+    num_shards = math.ceil(n / shard_size)
+
+    acc = accelerator if accelerator is not None else _Single(next(model.parameters()).device)
+    device = acc.device
+    if accelerator is not None:
+        model.to(device)
+    signature = model_signature(model, spec)
+    settings = {"data": str(data_spec), "shard_size": shard_size, "dtype": dtype, "modalities": modalities, "rows": n}
+
+    # Every process reads the folder before anyone writes, so all of them see the same state.
+    finished = _check_existing(out, model, spec, settings)
+    if finished is not None:
+        missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
+        if missing:
+            raise ValueError(f"{out}/{MANIFEST_NAME} lists {num_shards} shards but "
+                             f"meta/{_shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
+        if acc.is_main_process:
+            logger.info("%s: export already finished (%d rows, %d shards, same model and arguments); nothing to do",
+                        out, n, num_shards)
+        return EmbeddingSet.open(out)
+    done = _finished_shards(out, num_shards)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        for folder in ["meta", *modalities] + (["text_meta"] if "text" in modalities else []):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(out)
+        from ..evaluation.tasks import write_json
+
+        if not (out / STATE_NAME).is_file():  # a resume keeps the record it was checked against
+            write_json({"format": STATE_FORMAT, "signature": signature, **settings}, out / STATE_NAME)
+        if done:
+            logger.info("resuming: %d of %d shards already done", len(done), num_shards)
+    acc.wait_for_everyone()
+
+    mine = [k for k in range(num_shards) if k % acc.num_processes == acc.process_index and k not in done]
+    _encode_shards(model, corpus, out, mine, n, shard_size=shard_size, batch_size=batch_size,
+                   num_workers=num_workers, modalities=modalities, dtype=dtype, device=device,
+                   progress=progress and acc.is_main_process)
+
+    acc.wait_for_everyone()
+    missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
+                           f"arguments to resume")
+    if acc.is_main_process:
+        _write_manifest(out, signature, settings, num_shards, model.embed_dim)
+    acc.wait_for_everyone()
+    return EmbeddingSet.open(out)
+

@@ -1,0 +1,71 @@
+"""A model's signature: what an embedding set or index remembers of the model that made it.
+
+The spec string (``runs/demo-emoji/final``, ``open_clip:ViT-B-32/openai``) says where the model came
+from, but the same spec can point at different weights later (a retrained run in the same folder).
+So the signature also stores the embeddings of a few fixed probe texts: a model that embeds them the
+same way (cosine >= ``PROBE_MIN_COSINE``, which tolerates bf16 / device noise) is the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["model_signature", "check_same_model", "PROBE_TEXTS", "PROBE_MIN_COSINE"]
+
+PROBE_TEXTS = ("a photo of a dog", "red heart", "grinning face", "a map of the world", "flag: france")
+PROBE_MIN_COSINE = 0.99
+
+
+@torch.no_grad()
+def _probe_embeddings(model) -> torch.Tensor:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.encode_text(model.tokenizer(list(PROBE_TEXTS)).to(device)).float().cpu()
+    finally:
+        model.train(was_training)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+def model_signature(model, spec: Optional[str] = None) -> dict[str, Any]:
+    """``{"model", "dim", "probe_texts", "probe_embeddings"}`` for a manifest or index info JSON.
+
+    Example:
+        >>> sig = model_signature(load_model("runs/demo-emoji/final"), "runs/demo-emoji/final")
+        >>> sig["dim"]
+        256
+    """
+    return {
+        "model": None if spec is None else str(spec),
+        "dim": int(model.embed_dim),
+        "probe_texts": list(PROBE_TEXTS),
+        "probe_embeddings": [[round(float(v), 6) for v in row] for row in _probe_embeddings(model)],
+    }
+
+
+def check_same_model(stored: dict[str, Any], model, where: str, spec: Optional[str] = None,
+                     made: str = "was built with",
+                     advice: str = "query with the same model, or rebuild the index with this one") -> None:
+    """Raise a one-line ``ValueError`` unless ``model`` is the model ``stored`` was made with.
+
+    ``where`` names the index or embedding folder in the message, ``made`` how it came from the model,
+    ``advice`` the remedy.
+
+    Example:
+        >>> check_same_model(info["signature"], load_model("runs/other/final"), "runs/index")
+        ValueError: runs/index was built with model runs/demo-emoji/final (dim 256); ...
+    """
+    made_with = f"{made} model {stored.get('model') or '(unnamed)'} (dim {stored.get('dim')})"
+    given = f"the given model {spec or '(unnamed)'}"
+    if int(model.embed_dim) != int(stored.get("dim", -1)):
+        raise ValueError(f"{where} {made_with}; {given} has dim {model.embed_dim}: {advice}")
+    if stored.get("probe_texts") != list(PROBE_TEXTS) or not stored.get("probe_embeddings"):
+        return  # written by a version with other probes: the dimension check is all we can do
+    expected = torch.tensor(stored["probe_embeddings"], dtype=torch.float32)
+    cosine = (torch.nn.functional.normalize(expected, dim=-1) * _probe_embeddings(model)).sum(-1).min().item()
+    if cosine < PROBE_MIN_COSINE:
+        raise ValueError(f"{where} {made_with}; {given} embeds text differently (probe cosine "
+                         f"{cosine:.3f} < {PROBE_MIN_COSINE}): {advice}")
