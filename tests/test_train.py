@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,11 @@ def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
     assert set(report) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert report["metrics"]["chance_image_retrieval_recall@10"] == pytest.approx(10 / 356)
     assert 0 <= report["metrics"]["image_retrieval_recall@10"] <= 1
+    # The whole corpus is indexed and the default query answered with 5 ranked captions.
+    assert f"index: {tmp_path / 'demo' / 'index'} (3775 images, flat); query 'a smiling cat':" in proc.stdout
+    hits = proc.stdout.split("query 'a smiling cat':\n", 1)[1].strip().splitlines()
+    assert [line.split(".")[0].strip() for line in hits] == ["1", "2", "3", "4", "5"]
+    query = subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", "index", "query", str(tmp_path / "demo" / "index"),
+                            "--text", "a smiling cat", "-k", "5", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert query.returncode == 0, query.stderr[-3000:]
+    assert [hit["caption"] for hit in json.loads(query.stdout)] == [re.match(r"\s*\d+\. \S+  (.*)  \(", line).group(1) for line in hits]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -23,9 +22,14 @@ def add_parser(commands) -> None:
         "demo", help="train a small CLIP on the offline emoji corpus and report retrieval recall",
         description="Builds the emoji corpus (twemoji graphics + Unicode names, split by base emoji), trains "
                     "the recipe (default: demo-emoji, about 5 minutes on 2 CPU cores) and prints test-split "
-                    "Recall@1/5/10 in both directions beside chance. Results go to OUTPUT_DIR/test_retrieval.json.")
+                    "Recall@1/5/10 in both directions beside chance, then indexes the whole emoji corpus with "
+                    "FAISS and answers a text query. Results go to OUTPUT_DIR/test_retrieval.json and "
+                    "OUTPUT_DIR/index (query it again with `vlp index query OUTPUT_DIR/index --text ...`).")
     p.add_argument("--recipe", default="demo-emoji", help="recipe name or path (default: demo-emoji)")
     p.add_argument("--output-dir", default=None, help="where to write the run (default: the recipe's train.output_dir)")
+    p.add_argument("--query", default="a smiling cat",
+                   help="text query answered from the emoji index at the end (default: 'a smiling cat')")
+    p.add_argument("--no-index", action="store_true", help="skip building the emoji index")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.epochs=2")
     p.set_defaults(run=run)
 
@@ -42,8 +46,7 @@ def format_retrieval_table(metrics: dict, ks=(1, 5, 10)) -> str:
 def run(args) -> int:
     from ..config import load_recipe
     from ..data import build_emoji_corpus
-    from ..evaluation.features import encode_corpus
-    from ..evaluation.retrieval import retrieval_metrics
+    from ..evaluation.tasks import evaluate_retrieval, write_json
     from ..models import load_model
     from ..training import train
     from ..training.data import open_named_corpus
@@ -59,15 +62,31 @@ def run(args) -> int:
     result = train(cfg)
 
     model = load_model(result.final_dir)
-    test = open_named_corpus("emoji:test", cfg.data)
-    feats = encode_corpus(model, test, batch_size=256)
-    metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"])
-    report = {"dataset": "emoji-test", "model": recipe_path.stem, "pretrained": str(result.final_dir),
-              "task": "zeroshot_retrieval", "metrics": metrics, "language": "en"}
-    out = Path(cfg.train.output_dir) / "test_retrieval.json"
-    out.write_text(json.dumps(report, indent=2))
+    report = evaluate_retrieval(model, open_named_corpus("emoji:test", cfg.data), model_name=recipe_path.stem,
+                                dataset_name="emoji-test")
+    report["pretrained"] = str(result.final_dir)
+    metrics = report["metrics"]
+    out = write_json(report, Path(cfg.train.output_dir) / "test_retrieval.json")
     print(f"\nemoji test split: {metrics['num_images']} images, {metrics['num_texts']} captions "
           f"({recipe_path.stem}, {result.step} steps)")
     print(format_retrieval_table(metrics))
     print(f"\nwritten: {out}")
+    if not args.no_index:
+        demo_index(model, str(result.final_dir), Path(cfg.train.output_dir) / "index", args.query, cfg.data)
     return 0
+
+
+def demo_index(model, spec: str, out: Path, query: str, data_cfg, k: int = 5) -> None:
+    """Index every emoji image (train, val and test) and print the top ``k`` images for ``query``."""
+    import shutil
+
+    from ..retrieval import RetrievalIndex
+    from ..training.data import open_named_corpus
+
+    # The demo starts over each time: an export left by an interrupted earlier run (another model) goes.
+    shutil.rmtree(out.with_name(f"{out.name}.embeddings-partial"), ignore_errors=True)
+    index = RetrievalIndex.build_from_corpus(model, open_named_corpus("emoji:all", data_cfg), out, spec=spec,
+                                             data_spec="emoji:all")
+    print(f"\nindex: {out} ({index.ntotal} images, {index.info['kind']}); query {query!r}:")
+    for hit in index.search(texts=[query], k=k)[0]:
+        print(f"  {hit['rank']}. {hit['score']:.3f}  {hit['caption']}  ({Path(hit['image']).name})")

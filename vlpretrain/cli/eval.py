@@ -1,4 +1,4 @@
-"""``vlp eval zeroshot | linear-probe | knn``: classification evaluations written as JSON."""
+"""``vlp eval zeroshot | linear-probe | knn | retrieval``: evaluations written as JSON."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN",
+    p = commands.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN, retrieval",
                             description="Evaluate a model; results are printed and written in CLIP_benchmark's JSON shape.")
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
@@ -37,6 +37,26 @@ def add_parser(commands) -> None:
                         "'an emoji of {c}.' (default: openai_imagenet)")
     z.add_argument("--confusion-png", default=None, help="also draw the confusion matrix into this PNG")
     z.set_defaults(run=run_zeroshot)
+
+    t = tasks.add_parser("retrieval", help="zero-shot image-text retrieval (Recall@1/5/10 both ways)",
+                         description="Zero-shot image-text retrieval over every image and every caption of DATA: "
+                                     "image_retrieval_recall@k (a caption finds its image) and text_retrieval_recall@k "
+                                     "(an image finds any of its captions) for k = 1, 5, 10, mean and median rank, and "
+                                     "chance levels, computed exactly. DATA: a CSV/TSV/JSONL/parquet with image and "
+                                     "caption columns, a Hugging Face dataset folder / hf:NAME, or emoji:SPLIT.")
+    t.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    t.add_argument("--data", required=True, help="the image-caption corpus (see above)")
+    t.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
+    t.add_argument("--caption-column", default="caption",
+                   help="caption column; a cell may hold a list of captions; several columns comma-separated, e.g. "
+                        "caption_0,caption_1 (default: caption)")
+    t.add_argument("--split", default=None, help="split of a Hugging Face dataset")
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--rerank-itm", type=int, default=None, metavar="K",
+                   help="re-rank the top K with the model's image-text matching head (models with an ITM head only)")
+    t.add_argument("--output", default=None, help="JSON file to write (default: print only)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(run=run_retrieval)
 
     r = tasks.add_parser("run", help="run an evaluation suite (eval/suites/*.yaml)",
                          description="Run every task of a suite YAML; writes one JSON per task, summary.md and "
@@ -114,6 +134,48 @@ def run_knn(args) -> int:
     model, train, test = _train_test(args)
     return _finish(args, evaluate_knn(model, train, test, args.classnames, args.k, args.k_shot, args.batch_size,
                                       not args.no_progress, str(args.model), args.seed))
+
+
+def _dataset_name(spec: str) -> str:
+    # How the data set is named in the report: emoji:test -> emoji-test, pairs.csv -> pairs.
+    if spec.startswith("emoji:"):
+        return "emoji-" + (spec.split(":", 1)[1] or "train")
+    if spec.startswith("hf:"):
+        return spec[3:]
+    return Path(spec.rstrip("/")).stem or spec
+
+
+def run_retrieval(args) -> int:
+    from ..config import DataConfig
+    from ..evaluation.tasks import evaluate_retrieval, write_json
+    from ..models import load_model
+    from ..training.data import open_named_corpus
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    captions = [c.strip() for c in args.caption_column.split(",") if c.strip()]
+    if not captions:
+        raise ValueError("--caption-column is empty: name the caption column(s), e.g. --caption-column caption")
+    data = DataConfig(image_column=args.image_column, caption_column=captions[0] if len(captions) == 1 else captions)
+    corpus = open_named_corpus(args.data, data, args.split)
+    model = load_model(args.model)
+    result = evaluate_retrieval(model, corpus, args.batch_size, progress=not args.no_progress,
+                                model_name=str(args.model), dataset_name=_dataset_name(args.data),
+                                rerank_itm=args.rerank_itm)
+    m = result["metrics"]
+
+    def recalls(key: str, prefix: str = "") -> str:
+        return "/".join(f"{100 * m[f'{prefix}{key}_recall@{k}']:.1f}" for k in (1, 5, 10))
+
+    print(f"zeroshot_retrieval on {result['dataset']} ({m['num_images']} images, {m['num_texts']} captions): "
+          f"text->image R@1/5/10 {recalls('image_retrieval')}% (chance {recalls('image_retrieval', 'chance_')}%), "
+          f"image->text R@1/5/10 {recalls('text_retrieval')}% (chance {recalls('text_retrieval', 'chance_')}%), "
+          f"median rank {m['image_retrieval_median_rank']:g} / {m['text_retrieval_median_rank']:g}")
+    if m["bad_images"]:
+        print(f"warning: {m['bad_images']} images could not be decoded; they count as misses")
+    if args.output:
+        print(f"written: {write_json(result, args.output)}")
+    return 0
 
 
 def run_suite(args) -> int:

@@ -154,3 +154,42 @@ def evaluate_knn(model, train: LabelledImages, test: LabelledImages, classnames=
     metrics = classification_metrics(scores, yte, keys)
     metrics.update({"k": k, "k_shot": k_shot, "num_train": int(len(ytr))})
     return report(test.name, model_name, "knn", metrics, train_dataset=train.name)
+
+
+def _short_name(name: str) -> str:
+    # Corpora are named by their file path; a report names the data set, not where it lives.
+    text = str(name).rstrip("/")
+    return Path(text).stem if ("/" in text or "\\" in text) else text
+
+
+def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool = True, model_name: str = "",
+                       dataset_name: Optional[str] = None, ks: Sequence[int] = (1, 5, 10),
+                       rerank_itm: Optional[int] = None, num_workers: int = 0) -> dict:
+    """Zero-shot image-text retrieval over a corpus with one or several captions per image.
+
+    Every image and every caption is encoded once; Recall@k is then computed exactly, in chunks:
+    ``image_retrieval_recall@k`` (a caption finds its image among all images) and
+    ``text_retrieval_recall@k`` (an image finds any of its captions among all captions), with mean
+    and median rank and the chance level of each recall. ``rerank_itm`` (re-scoring the top K
+    with an image-text matching head) is reserved for models that have one.
+
+    Example:
+        >>> corpus = open_named_corpus("emoji:test", DataConfig())
+        >>> evaluate_retrieval(model, corpus, dataset_name="emoji-test")["metrics"]["image_retrieval_recall@5"]
+    """
+    from .features import encode_corpus
+    from .retrieval import retrieval_metrics
+
+    if rerank_itm is not None:
+        if getattr(model, "itm_head", None) is None:
+            raise ValueError("--rerank-itm needs a model with an ITM fusion head; this model has none")
+        raise ValueError("--rerank-itm: re-ranking with an ITM head is not implemented yet")
+    name = dataset_name or _short_name(getattr(corpus, "name", "corpus"))
+    if len(corpus) == 0:
+        raise ValueError(f"{name}: the corpus has no rows to evaluate")
+    feats = encode_corpus(model, corpus, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    if len(feats["captions"]) == 0:
+        raise ValueError(f"{name}: no captions found; check --caption-column")
+    metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"], ks=ks)
+    metrics["bad_images"] = len(feats["bad_images"])
+    return report(name, model_name, "zeroshot_retrieval", metrics)
