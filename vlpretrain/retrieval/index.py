@@ -78,28 +78,16 @@ def _open_sets(embeddings: EmbeddingsLike) -> list:
     return [item if isinstance(item, EmbeddingSet) else EmbeddingSet.open(item) for item in items]
 
 
-def _probe_cosine(a: dict[str, Any], b: dict[str, Any]) -> Optional[float]:
-    """Smallest cosine between the probe embeddings of two signatures (None when not comparable)."""
-    if a.get("probe_texts") != b.get("probe_texts") or not a.get("probe_embeddings") or not b.get("probe_embeddings"):
-        return None
-    x, y = (np.asarray(s["probe_embeddings"], dtype=np.float64) for s in (a, b))
-    if x.shape != y.shape:
-        return None
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return float((x * y).sum(1).min())
-
-
 def _check_same_signature(stored: dict[str, Any], given: dict[str, Any], where: str, what: str) -> None:
     """One-line error unless signature ``given`` (of ``what``) is the model ``stored`` (of ``where``)."""
-    from .signature import PROBE_MIN_COSINE
+    from .signature import PROBE_MIN_COSINE, signature_cosine
 
     made = f"{where} was built with model {stored.get('model') or '(unnamed)'} (dim {stored.get('dim')})"
     other = f"{what} holds embeddings of model {given.get('model') or '(unnamed)'}"
     advice = "use embeddings made with the same model, or rebuild the index from all of them"
     if int(given.get("dim", -1)) != int(stored.get("dim", -2)):
         raise ValueError(f"{made}; {other} with dim {given.get('dim')}: {advice}")
-    cosine = _probe_cosine(stored, given)
+    cosine = signature_cosine(stored, given)
     if cosine is not None and cosine < PROBE_MIN_COSINE:
         raise ValueError(f"{made}; {other}, which embeds text differently (probe cosine {cosine:.3f} < "
                          f"{PROBE_MIN_COSINE}): {advice}")

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["model_signature", "check_same_model", "PROBE_TEXTS", "PROBE_MIN_COSINE"]
+__all__ = ["model_signature", "check_same_model", "signature_cosine", "PROBE_TEXTS", "PROBE_MIN_COSINE"]
 
 PROBE_TEXTS = ("a photo of a dog", "red heart", "grinning face", "a map of the world", "flag: france")
 PROBE_MIN_COSINE = 0.99
@@ -69,3 +69,20 @@ def check_same_model(stored: dict[str, Any], model, where: str, spec: Optional[s
     if cosine < PROBE_MIN_COSINE:
         raise ValueError(f"{where} {made_with}; {given} embeds text differently (probe cosine "
                          f"{cosine:.3f} < {PROBE_MIN_COSINE}): {advice}")
+
+
+def signature_cosine(a: dict[str, Any], b: dict[str, Any]) -> Optional[float]:
+    """Smallest cosine between the probe embeddings of two stored signatures (None when they used
+    other probes and cannot be compared); below ``PROBE_MIN_COSINE`` they come from different models.
+
+    Example:
+        >>> signature_cosine(index_info["signature"], EmbeddingSet.open("emb/more").signature)
+        1.0
+    """
+    if a.get("probe_texts") != b.get("probe_texts") or not a.get("probe_embeddings") or not b.get("probe_embeddings"):
+        return None
+    x, y = (torch.tensor(s["probe_embeddings"], dtype=torch.float64) for s in (a, b))
+    if x.shape != y.shape:
+        return None
+    x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    return float((x * y).sum(-1).min())
