@@ -157,3 +157,25 @@ def test_cached_text_dropout_only_in_training():
     torch.manual_seed(0)
     noisy = model.encode_text(tokens)
     assert not torch.allclose(noisy, clean, atol=1e-3)
+
+
+def test_blur_augmentation_blurs_after_the_crop():
+    """data.augmentation.blur_prob inserts a Gaussian blur after the crop; the image comes out smoother."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from vlpretrain.models.factory import build_transforms
+
+    cfg = tiny_model_config()
+    open_clip_cfg = {"vision_cfg": {"image_size": 32}}
+    plain, _ = build_transforms(open_clip_cfg, cfg, {"scale": [1.0, 1.0], "ratio": [1.0, 1.0]})
+    blurred, _ = build_transforms(open_clip_cfg, cfg, {"scale": [1.0, 1.0], "ratio": [1.0, 1.0],
+                                                       "blur_prob": 1.0, "blur_sigma": [2.0, 2.0]})
+    step = blurred.transforms[1]
+    assert isinstance(step, transforms.RandomApply) and isinstance(step.transforms[0], transforms.GaussianBlur)
+    stripes = np.zeros((32, 32, 3), np.uint8)
+    stripes[:, ::2] = 255
+    image = Image.fromarray(stripes)
+    roughness = [float(t(image).diff(dim=-1).abs().mean()) for t in (plain, blurred)]
+    assert roughness[1] < 0.5 * roughness[0]

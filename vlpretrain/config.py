@@ -72,6 +72,8 @@ class DataConfig:
     split: Optional[str] = None
     val_split: Optional[str] = None
     num_workers: int = 1
+    # open_clip's AugmentationCfg keys (scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob,
+    # ...) plus blur_prob / blur_sigma (a Gaussian blur after the crop).
     augmentation: dict = field(default_factory=dict)
 
 
