@@ -469,3 +469,18 @@ def test_build_from_model_keeps_export_after_a_crash(tmp_path, models, monkeypat
     assert main(args) == 0
     assert not staging.exists() and (out / "embeddings" / "manifest.json").read_text() == manifest
     assert RetrievalIndex.load(out).ntotal == 6
+
+
+def test_build_from_corpus_fresh_discards_another_models_export(tmp_path, models):
+    """An export left by another model blocks a resume; fresh=True (what `vlp demo` uses) starts over."""
+    from vlpretrain.data import open_corpus
+    from vlpretrain.retrieval import export_embeddings
+
+    (dir_a, model_a), (dir_b, model_b) = models["a"], models["b"]
+    corpus = open_corpus(write_image_csv(tmp_path / "data", 5))
+    out = tmp_path / "idx"
+    export_embeddings(model_a, corpus, tmp_path / "idx.embeddings-partial", spec=str(dir_a), progress=False)
+    with pytest.raises(ValueError, match="holds embeddings of model"):
+        RetrievalIndex.build_from_corpus(model_b, corpus, out, spec=str(dir_b), progress=False)
+    index = RetrievalIndex.build_from_corpus(model_b, corpus, out, spec=str(dir_b), progress=False, fresh=True)
+    assert index.info["signature"]["model"] == str(dir_b) and index.ntotal == 5

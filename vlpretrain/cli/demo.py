@@ -78,15 +78,12 @@ def run(args) -> int:
 
 def demo_index(model, spec: str, out: Path, query: str, data_cfg, k: int = 5) -> None:
     """Index every emoji image (train, val and test) and print the top ``k`` images for ``query``."""
-    import shutil
-
     from ..retrieval import RetrievalIndex
     from ..training.data import open_named_corpus
 
     # The demo starts over each time: an export left by an interrupted earlier run (another model) goes.
-    shutil.rmtree(out.with_name(f"{out.name}.embeddings-partial"), ignore_errors=True)
     index = RetrievalIndex.build_from_corpus(model, open_named_corpus("emoji:all", data_cfg), out, spec=spec,
-                                             data_spec="emoji:all")
+                                             data_spec="emoji:all", fresh=True)
     print(f"\nindex: {out} ({index.ntotal} images, {index.info['kind']}); query {query!r}:")
     for hit in index.search(texts=[query], k=k)[0]:
         print(f"  {hit['rank']}. {hit['score']:.3f}  {hit['caption']}  ({Path(hit['image']).name})")

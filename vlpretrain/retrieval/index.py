@@ -489,12 +489,13 @@ class RetrievalIndex:
     def build_from_corpus(cls, model, corpus, out: Union[str, os.PathLike], *, spec: Optional[str] = None,
                           data_spec: str = "", kind: str = "auto", memory_budget: Union[str, int] = "4GB",
                           modality: str = "image", seed: int = 0, batch_size: int = 256, num_workers: int = 0,
-                          progress: bool = True) -> "RetrievalIndex":
+                          progress: bool = True, fresh: bool = False) -> "RetrievalIndex":
         """Embed ``corpus`` with ``model``, then build the index; the embeddings end up in ``out/embeddings``.
 
         The export goes first into ``OUT.embeddings-partial`` next to ``out`` (a rerun with the same
-        arguments resumes it), and is moved into the index folder with the finished index, so
-        ``vlp index add`` can re-measure recall from it later.
+        arguments resumes it; ``fresh=True`` discards it instead, e.g. when the model was retrained),
+        and is moved into the index folder with the finished index, so ``vlp index add`` can
+        re-measure recall from it later.
 
         Example:
             >>> index = RetrievalIndex.build_from_corpus(load_model("runs/demo/final"), corpus, "indexes/emoji",
@@ -507,6 +508,8 @@ class RetrievalIndex:
             raise ValueError(f"modality '{modality}' is unknown: use image or text")
         budget = parse_memory(memory_budget)  # fail before the (long) export on a bad budget
         staging = out.with_name(f"{out.name}.embeddings-partial")
+        if fresh:
+            shutil.rmtree(staging, ignore_errors=True)
         emb = export_embeddings(model, corpus, staging, spec=spec, data_spec=data_spec, batch_size=batch_size,
                                 num_workers=num_workers, progress=progress)
         built = cls._build(emb, out, kind=kind, memory_budget=budget, modality=modality, seed=seed,
