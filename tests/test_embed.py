@@ -317,13 +317,19 @@ def test_cli_end_to_end(tmp_path, checkpoint, model, capsys, reset_accelerate):
     np.testing.assert_allclose(result.text_embeddings(), texts, atol=1e-3, rtol=0)
     assert result.text_metadata()["caption"].tolist() == captions
     assert result.metadata().columns.tolist() == ["row", "image", "captions", "ok", "label", "score"]
-    assert result.signature["model"] == str(checkpoint) and result.manifest["data"] == str(csv_path)
+    assert result.signature["model"] == str(checkpoint)
+    # The data and how it was read: another caption column or split must not resume these shards.
+    assert result.manifest["data"] == f"{csv_path}|split=None|image_column=image|caption_column=['caption_1', 'caption_2']"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.csv", "emb", "images"]  # nothing else written
 
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out == f"already finished, nothing to do: embedded {summary}\n"
     assert "nothing to do" in captured.err
+
+    other_columns = [a if a != "caption_1,caption_2" else "caption_1" for a in argv]
+    assert main(other_columns) == 2
+    assert "holds an export made with data" in capsys.readouterr().err.splitlines()[-1]
 
     assert main(argv + ["--dtype", "float32"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

@@ -66,6 +66,13 @@ def _console_logging(rank: int, is_main: bool) -> Iterator[None]:
         root.setLevel(old_level)
 
 
+def data_spec(args, data) -> str:
+    """What an export was made from, for the resume check: the data and how it was read (another split
+    or caption column with the same row count must not reuse old shards)."""
+    return (f"{args.data}|split={args.split}|image_column={data.image_column}"
+            f"|caption_column={data.caption_column}")
+
+
 def run(args) -> int:
     import torch
     from accelerate import Accelerator
@@ -88,7 +95,7 @@ def run(args) -> int:
             corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
         was_finished = (Path(args.out) / MANIFEST_NAME).is_file()
-        emb = export_embeddings(model, corpus, args.out, spec=str(args.model), data_spec=args.data,
+        emb = export_embeddings(model, corpus, args.out, spec=str(args.model), data_spec=data_spec(args, data),
                                 modalities=modalities, dtype=args.dtype, shard_size=args.shard_size,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 progress=not args.no_progress, accelerator=accelerator)

@@ -114,9 +114,13 @@ def run_build(args) -> int:
         from ..training.data import open_named_corpus
 
         parse_memory(args.memory_budget)  # a typo fails before loading the model
-        corpus = open_named_corpus(args.data, DataConfig(), args.split)
+        from .embed import data_spec
+
+        data = DataConfig()
+        corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
-        index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model), data_spec=args.data,
+        index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model),
+                                                 data_spec=data_spec(args, data),
                                                  batch_size=args.batch_size, num_workers=args.num_workers, **options)
     print(_summary(index))
     _print_warnings(index.info)

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, BadImageError) as e:
-        # Configuration and data errors are the user's to fix: one line, no traceback.
+    except (ValueError, OSError, BadImageError) as e:
+        # Configuration, data and disk errors (missing files, full disk) are the user's to fix: one line.
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

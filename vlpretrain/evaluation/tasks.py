@@ -27,10 +27,14 @@ def write_json(data: dict, path: Union[str, Path]) -> Path:
     """Write JSON atomically (NaN stays NaN, as CLIP_benchmark writes acc5 below 5 classes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # no stray temp file beside the JSON
+        raise
     return path
 
 

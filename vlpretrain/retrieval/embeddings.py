@@ -536,7 +536,7 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
     acc.wait_for_everyone()
     missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
     if missing:
-        raise RuntimeError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
+        raise ValueError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
                            f"arguments to resume")
     if acc.is_main_process:
         _write_manifest(out, signature, settings, num_shards, model.embed_dim)

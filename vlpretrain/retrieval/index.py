@@ -538,14 +538,18 @@ class RetrievalIndex:
         index_path = path / INDEX_NAME
         expected = int(info.get("index_bytes", -1))
         size = index_path.stat().st_size if index_path.is_file() else 0
-        if size != expected or _sha256(index_path) != info.get("index_sha256"):
-            raise ValueError(f"{index_path} is truncated or corrupt ({size} bytes, expected {expected}): "
-                             f"rebuild it with `vlp index build`")
+        corrupt = (f"{index_path} is truncated or corrupt ({size} bytes, expected {expected}): "
+                   f"rebuild it with `vlp index build`")
+        if size != expected:
+            raise ValueError(corrupt)
+        data = index_path.read_bytes()  # read once: hashed, then deserialized from memory
+        if hashlib.sha256(data).hexdigest() != info.get("index_sha256"):
+            raise ValueError(corrupt)
         try:
-            index = faiss.read_index(str(index_path))
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError:
-            raise ValueError(f"{index_path} is truncated or corrupt ({size} bytes, expected {expected}): "
-                             f"rebuild it with `vlp index build`") from None
+            raise ValueError(corrupt) from None
+        del data
         set_search_params(index, info.get("search_params") or {})
         meta_path = path / META_NAME
         if not meta_path.is_file():
@@ -753,14 +757,14 @@ class RetrievalIndex:
         if len(queries) == 0:
             return []
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), self.ntotal))
-        columns = list(self.meta.columns)
         results = []
         for row_scores, row_ids in zip(scores, ids):
+            found = row_ids >= 0  # fewer than k reachable vectors (IVF with small nprobe) give -1
             hits = []
-            for score, i in zip(row_scores, row_ids):
-                if i < 0:
-                    continue  # fewer than k reachable vectors (IVF with small nprobe)
-                values = {c: _plain(v) for c, v in zip(columns, self.meta.iloc[int(i)].tolist())}
+            # One frame lookup per query, not per hit: row-wise iloc on a mixed-type frame is slow.
+            for score, i, values in zip(row_scores[found], row_ids[found],
+                                        self.meta.iloc[row_ids[found]].to_dict("records")):
+                values = {c: _plain(v) for c, v in values.items()}
                 hit = {"rank": len(hits) + 1, "score": float(score), "id": int(i), "image": values.pop("image"),
                        "caption": values.pop("caption"), "row": int(values.pop("row"))}
                 values.pop("id", None)
