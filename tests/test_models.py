@@ -179,3 +179,43 @@ def test_blur_augmentation_blurs_after_the_crop():
     image = Image.fromarray(stripes)
     roughness = [float(t(image).diff(dim=-1).abs().mean()) for t in (plain, blurred)]
     assert roughness[1] < 0.5 * roughness[0]
+
+
+def test_shading_augmentation_keeps_hue_and_background():
+    """data.augmentation.shade_prob inserts RandomShading after the crop: the drawing gets lighter on
+    one side and darker on the other, each pixel's hue (channel ratios) and the white background stay."""
+    import numpy as np
+    from PIL import Image
+
+    from vlpretrain.data.augment import RandomShading
+    from vlpretrain.models.factory import build_transforms
+
+    cfg = tiny_model_config()
+    train_tf, _ = build_transforms({"vision_cfg": {"image_size": 32}}, cfg, {"shade_prob": 1.0, "shade_strength": [0.4, 0.4]})
+    assert isinstance(train_tf.transforms[1], RandomShading)
+
+    pixels = np.full((40, 40, 3), 255, np.uint8)
+    pixels[5:35, 5:35] = (160, 80, 40)
+    image = Image.fromarray(pixels)
+    shade = RandomShading(p=1.0, strength=(0.4, 0.4))
+    for _ in range(10):
+        out = np.asarray(shade(image)).astype(float)
+        assert (out[:5] == 255).all() and (out[:, :5] == 255).all()  # the background is left alone
+        drawing = out[6:34, 6:34].reshape(-1, 3)
+        assert drawing[:, 0].max() - drawing[:, 0].min() > 40  # light and shadow across the drawing
+        ratios = drawing / drawing[:, :1]
+        assert np.allclose(ratios[:, 1], 0.5, atol=0.02) and np.allclose(ratios[:, 2], 0.25, atol=0.02)
+    assert np.array_equal(np.asarray(RandomShading(p=0.0)(image)), pixels)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"p": 1.5}, "data.augmentation.shade_prob must be in [0, 1], got 1.5"),
+    ({"strength": (0.5, 0.2)}, "data.augmentation.shade_strength must be [low, high] with 0 <= low <= high < 1, got [0.5, 0.2]"),
+    ({"strength": (0.3,)}, "data.augmentation.shade_strength must be [low, high] with 0 <= low <= high < 1, got [0.3]"),
+])
+def test_shading_settings_are_checked(kwargs, message):
+    from vlpretrain.data.augment import RandomShading
+
+    with pytest.raises(ValueError) as error:
+        RandomShading(**kwargs)
+    assert str(error.value) == message

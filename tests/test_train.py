@@ -87,6 +87,54 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+def test_ema_averages_the_steps_weights_and_resumes_exactly(tmp_path):
+    """train.ema_decay: final/ is the EMA of the weights after each step (a checkpoint per step gives
+    them), final-online/ equals a run without EMA, and an interrupted run resumes to the same average."""
+    csv = write_image_csv(tmp_path, 16)  # 4 batches per epoch
+    settings = dict(epochs=2, checkpoint_every=1, keep_checkpoints=100)
+    plain = train(recipe_from_dict(tiny_recipe(tmp_path / "plain", csv, **settings)))
+    ema_settings = dict(settings, ema_decay=0.7, ema_warmup=False)
+    full = train(recipe_from_dict(tiny_recipe(tmp_path / "ema", csv, **ema_settings)))
+
+    online = load_file(str(full.output_dir / "final-online" / "model.safetensors"))
+    reference = load_file(str(plain.final_dir / "model.safetensors"))
+    for key in reference:
+        assert torch.equal(online[key], reference[key]), key
+
+    expected = None
+    for step in range(1, full.step + 1):
+        weights = load_file(str(full.output_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+        if expected is None:  # the first update copies the weights
+            expected = {k: v.double() for k, v in weights.items()}
+        else:
+            expected = {k: 0.7 * expected[k] + 0.3 * weights[k].double() for k in weights}
+    averaged = load_file(str(full.final_dir / "model.safetensors"))
+    trainable = [k for k in expected if not torch.equal(expected[k], reference[k].double())]
+    assert trainable  # the average moved away from the last weights
+    for key in expected:
+        assert torch.allclose(averaged[key].double(), expected[key], atol=1e-5), key
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_5(step: int) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **ema_settings)), on_step=stop_at_5)
+    resumed = train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, resume="latest", **ema_settings)))
+    again = load_file(str(resumed.final_dir / "model.safetensors"))
+    for key in averaged:
+        assert torch.allclose(again[key], averaged[key], atol=1e-6), key
+
+
+def test_ema_decay_out_of_range_is_an_error(tmp_path):
+    csv = write_image_csv(tmp_path, 8)
+    with pytest.raises(ValueError, match=r"^train.ema_decay must be in \[0, 1\) \(e.g. 0.999\), got 1.5$"):
+        train(recipe_from_dict(tiny_recipe(tmp_path / "run", csv, ema_decay=1.5)))
+
+
 def test_unknown_override_names_nearest_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", tmp_path / "x.csv")))

@@ -73,7 +73,8 @@ class DataConfig:
     val_split: Optional[str] = None
     num_workers: int = 1
     # open_clip's AugmentationCfg keys (scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob,
-    # ...) plus blur_prob / blur_sigma (a Gaussian blur after the crop).
+    # ...) plus blur_prob / blur_sigma (a Gaussian blur after the crop) and shade_prob / shade_strength
+    # (vlpretrain.data.augment.RandomShading: smooth light and shadow over the drawing, hues kept).
     augmentation: dict = field(default_factory=dict)
 
 
@@ -95,6 +96,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     precision: str = "no"
     grad_clip_norm: Optional[float] = None
+    # Exponential moving average of the weights (timm's ModelEmaV3), off when None. With it, final/
+    # holds the averaged weights and final-online/ the last ones; validation scores the average.
+    ema_decay: Optional[float] = None
+    # Ramp the decay up from 0 (1 - (1 + step)^-0.75, capped at ema_decay), so the random start fades fast.
+    ema_warmup: bool = True
     checkpoint_every: Optional[int] = None
     keep_checkpoints: int = 2
     log_every: int = 10

@@ -35,14 +35,20 @@ def build_transforms(open_clip_cfg: dict, cfg: ModelConfig, augmentation: Option
     for key in ("scale", "ratio"):
         if key in aug and aug[key] is not None:
             aug[key] = tuple(aug[key])
-    # Gaussian blur is not among open_clip's augmentations: applied after the crop, on the PIL image.
+    # Shading and Gaussian blur are not among open_clip's augmentations: applied after the crop, on
+    # the PIL image, shading first.
     blur_prob, blur_sigma = float(aug.pop("blur_prob", 0.0) or 0.0), aug.pop("blur_sigma", (0.1, 1.0))
+    shade_prob, shade_strength = float(aug.pop("shade_prob", 0.0) or 0.0), aug.pop("shade_strength", (0.2, 0.5))
     train = open_clip.image_transform(image_size, is_train=True, mean=mean, std=std, aug_cfg=aug or None)
     if blur_prob > 0:
         from torchvision import transforms
 
         blur = transforms.GaussianBlur(kernel_size=5, sigma=tuple(blur_sigma))
         train.transforms.insert(1, transforms.RandomApply([blur], p=blur_prob))
+    if shade_prob > 0:
+        from ..data.augment import RandomShading
+
+        train.transforms.insert(1, RandomShading(shade_prob, tuple(shade_strength)))
     evaluation = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
     return train, evaluation
 

@@ -115,6 +115,18 @@ def validate(model, corpus, batch_size: int, accelerator=None, progress: bool = 
     return metrics
 
 
+def _make_ema(model, tc):
+    """timm's ModelEmaV3 over ``model`` when ``train.ema_decay`` is set, else None."""
+    if tc.ema_decay is None:
+        return None
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (e.g. 0.999), got {tc.ema_decay}")
+    from timm.utils import ModelEmaV3
+
+    # Kept in float32 beside float32 weights (Accelerate's bf16 is autocast), so updates never round away.
+    return ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup, warmup_power=0.75)
+
+
 def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train a dual encoder as the recipe says; returns where the final model was written.
 
@@ -184,6 +196,10 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     scheduler = create_scheduler(optimizer, tc, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
+    ema = _make_ema(unwrapped, tc)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    scored = ema.module if ema is not None else unwrapped  # what validation scores and final/ holds
 
     step, start_epoch, skip_batches, samples_seen = 0, 0, 0, 0
     if tc.resume:
@@ -259,6 +275,8 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 unwrapped.clamp_logit_scale()
+                if ema is not None:
+                    ema.update(unwrapped, step=step + 1)
 
                 step += 1
                 batch_in_epoch += 1
@@ -296,7 +314,7 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
 
             if val_corpus is not None and tc.validate_every_epoch and (step % steps_per_epoch == 0 or step >= total_steps):
                 if accelerator.is_main_process:
-                    val = validate(unwrapped, val_corpus, tc.batch_size, accelerator)
+                    val = validate(scored, val_corpus, tc.batch_size, accelerator)
                     val.update({"step": step, "epoch": epoch, "split": "val",
                                 "elapsed_s": time.perf_counter() - train_start})
                     val_history.append(val)
@@ -320,8 +338,10 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
         save_checkpoint(accelerator, model, output_dir, checkpoint_state(num_epochs, 0), keep=tc.keep_checkpoints)
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(final_dir)
-        logger.info("saved the final model to %s", final_dir)
+        if ema is not None:
+            unwrapped.save_pretrained(output_dir / "final-online")
+        scored.save_pretrained(final_dir)
+        logger.info("saved the final model%s to %s", " (EMA weights)" if ema is not None else "", final_dir)
     accelerator.wait_for_everyone()
     train_time = time.perf_counter() - train_start
     return TrainResult(output_dir=output_dir, final_dir=final_dir, step=step, skipped_samples=skipped_total,

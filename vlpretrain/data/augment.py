@@ -1,0 +1,60 @@
+"""Image augmentations that open_clip's ``AugmentationCfg`` lacks, applied to PIL images after the crop.
+
+- :class:`RandomShading`: a smooth light-to-dark field over the drawing, leaving the white background
+  alone. Flat-coloured art (twemoji) then also shows the highlights and shadows of shaded styles (Noto),
+  without changing any hue, so colour words in captions stay true.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+class RandomShading:
+    """With probability ``p``, multiply the non-background pixels by ``1 + s * field``, where ``field`` is
+    a linear ramp in a random direction (or, half of the time, a radial highlight around a random
+    point) scaled to [-1, 1] and ``s`` is drawn from ``strength``. Pixels near ``background`` are kept.
+
+    Example:
+        >>> shade = RandomShading(p=1.0, strength=(0.3, 0.3))
+        >>> shaded = shade(Image.new("RGB", (32, 32), (200, 40, 40)))
+    """
+
+    def __init__(self, p: float = 0.5, strength: Sequence[float] = (0.2, 0.5),
+                 background: tuple[int, int, int] = (255, 255, 255)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"data.augmentation.shade_prob must be in [0, 1], got {p}")
+        low, high = (float(strength[0]), float(strength[1])) if len(strength) == 2 else (None, None)
+        if low is None or not 0.0 <= low <= high < 1.0:
+            raise ValueError(f"data.augmentation.shade_strength must be [low, high] with 0 <= low <= high < 1, "
+                             f"got {list(strength)}")
+        self.p, self.strength, self.background = p, (low, high), np.asarray(background, np.float32)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return image
+        pixels = np.asarray(image.convert("RGB"), np.float32)
+        height, width = pixels.shape[:2]
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        xs, ys = xs / max(width - 1, 1) * 2 - 1, ys / max(height - 1, 1) * 2 - 1
+        if random.random() < 0.5:
+            angle = random.uniform(0, 2 * math.pi)
+            field = (math.cos(angle) * xs + math.sin(angle) * ys) / math.sqrt(2)
+        else:
+            cx, cy = random.uniform(-0.8, 0.8), random.uniform(-0.8, 0.8)
+            distance = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2)
+            field = 1 - distance / max(float(distance.max()), 1e-6) * 2
+        gain = 1 + random.uniform(*self.strength) * field
+        # How far each pixel is from the background, as a 0..1 weight: anti-aliased edges shade partly.
+        drawing = np.clip(np.abs(pixels - self.background).sum(-1) / 60.0, 0.0, 1.0)
+        weight = 1 + (gain - 1) * drawing
+        shaded = np.clip(pixels * weight[..., None], 0, 255).astype(np.uint8)
+        return Image.fromarray(shaded)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, strength={self.strength})"
