@@ -146,3 +146,21 @@ def test_hugging_face_dataset_with_class_labels(tmp_path):
     data = open_labelled_images(str(tmp_path / "saved"))
     assert len(data) == 6 and sorted(set(data.labels)) == names
     assert data.labels == [Path(p).parent.name for p in paths]
+
+
+def test_suite_retrieval_task_equals_evaluate_retrieval(tmp_path, checkpoint):
+    """A `task: retrieval` entry reports what evaluate_retrieval gives on the same corpus, in the summary too."""
+    from vlpretrain.data import open_corpus
+    from vlpretrain.evaluation.tasks import evaluate_retrieval
+
+    table = _table(tmp_path, "colours")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: tiny\ntasks:\n  - {{name: pairs, task: retrieval, data: {table.name}, caption_column: label}}\n")
+    model = load_model(checkpoint)
+    result = run_suite(suite, model, "tiny", tmp_path / "out", progress=False)
+    direct = evaluate_retrieval(model, open_corpus(str(table), caption_column="label"), progress=False)
+    assert result.results["pairs"]["metrics"] == direct["metrics"]
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    header, row = rows[0].split(","), rows[1].split(",")
+    assert row[header.index("text_to_image_R@1")] == f"{100 * direct['metrics']['image_retrieval_recall@1']:.1f}"
+    assert row[header.index("images")] == "12" and row[header.index("acc1")] == ""

@@ -37,6 +37,12 @@ class ModelConfig:
     """
 
     arch: Optional[str] = None
+    # Fine-tuning: start from this model (a checkpoint folder of ours or any vlpretrain.load_model spec);
+    # its architecture and weights replace arch / vision / text / towers, the lock settings still apply.
+    init_from: Optional[str] = None
+    # A transformers CLIPModel or SiglipModel (hub id such as openai/clip-vit-base-patch32, or a local
+    # folder) as both towers; arch / vision / text / image_tower / text_tower are then ignored.
+    hf_model: Optional[str] = None
     embed_dim: Optional[int] = None
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
@@ -96,6 +102,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     precision: str = "no"
     grad_clip_norm: Optional[float] = None
+    # Layer-wise lr decay for fine-tuning (BEiT / ELECTRA), off when None: block i of each tower
+    # (of L) trains at lr * layer_decay^(L - i), its embeddings at layer_decay^(L + 1), the top
+    # (final norms, projections, logit scale) at lr. 0.65 - 0.85 is usual.
+    layer_decay: Optional[float] = None
     # Exponential moving average of the weights (timm's ModelEmaV3), off when None. With it, final/
     # holds the averaged weights and final-online/ the last ones; validation scores the average.
     ema_decay: Optional[float] = None

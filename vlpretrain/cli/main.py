@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from . import demo, embed, eval as eval_cli, index, train
+from . import wise_ft
+from . import export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_parser(commands)
     embed.add_parser(commands)
     index.add_parser(commands)
+    wise_ft.add_parser(commands)
+    export.add_parser(commands)
     return parser
 
 

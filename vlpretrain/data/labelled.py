@@ -89,7 +89,9 @@ def open_labelled_images(spec: str, label_column: str = "label", image_column: s
     if spec.startswith("tuxpaint:"):
         from .rendered import build_tuxpaint_table
 
-        return _from_corpus(open_corpus(str(build_tuxpaint_table())), label_column, "tuxpaint-stamps")
+        split_name = spec.split(":", 1)[1] or "all"
+        name = "tuxpaint-stamps" if split_name == "all" else f"tuxpaint-{split_name}"
+        return _from_corpus(open_corpus(str(build_tuxpaint_table(split=split_name))), label_column, name)
     if spec.startswith("emoji:"):
         from .emoji import build_emoji_corpus
 

@@ -2,8 +2,9 @@
 
 - ``noto-emoji:SPLIT``: the emoji of a demo-corpus split drawn in a second style, Google's Noto Color
   Emoji font (Debian ``fonts-noto-color-emoji``), rendered with Pillow: a cross-style test set.
-- ``tuxpaint:``: Tux Paint's stamps (Debian ``tuxpaint-stamps-default``): photos and clip art with a
-  human-written caption and one of 16 categories: an out-of-domain set.
+- ``tuxpaint:[SPLIT]``: Tux Paint's stamps (Debian ``tuxpaint-stamps-default``): photos and clip art
+  with a human-written caption and one of 16 categories: an out-of-domain set (``all``, the default),
+  split by category into ``train`` and ``heldout`` for the fine-tuning example.
 """
 
 from __future__ import annotations
@@ -73,17 +74,31 @@ def build_noto_emoji_split(split: str = "test", cache_dir: Optional[Path] = None
     return out_csv
 
 
-def build_tuxpaint_table(cache_dir: Optional[Path] = None) -> Path:
+# The fine-tuning example's split by category: it trains on the five largest categories and
+# classifies the other eleven zero-shot, so the classes it is scored on never appear in training.
+TUXPAINT_TRAIN_CATEGORIES = ("animals", "food", "seasonal", "symbols", "town")
+TUXPAINT_SPLITS = ("all", "train", "heldout")
+
+
+def build_tuxpaint_table(cache_dir: Optional[Path] = None, split: str = "all") -> Path:
     """A CSV over the installed Tux Paint stamps: image path, caption (first line of the stamp's
-    .txt), category (its top folder)."""
+    .txt), category (its top folder). ``split``: ``all``; ``train`` (the categories in
+    ``TUXPAINT_TRAIN_CATEGORIES``, 597 stamps) or ``heldout`` (the other 11 categories, 188 stamps)."""
     from .emoji import default_cache_dir
 
+    if split not in TUXPAINT_SPLITS:
+        raise ValueError(f"tuxpaint split '{split}' does not exist (use {', '.join(TUXPAINT_SPLITS)})")
     if not TUXPAINT_STAMPS.is_dir():
         raise MissingSourceError(f"{TUXPAINT_STAMPS} not found: install Debian's tuxpaint-stamps-default "
                                  f"(apt-get install tuxpaint-stamps-default)")
     target = Path(cache_dir or default_cache_dir()) / "tuxpaint-v1"
-    out_csv = target / "all.csv"
+    out_csv = target / f"{split}.csv"
     if out_csv.is_file():
+        return out_csv
+    if split != "all":
+        table = pd.read_csv(build_tuxpaint_table(cache_dir, "all"))
+        chosen = table[table["category"].isin(TUXPAINT_TRAIN_CATEGORIES) == (split == "train")]
+        _write_csv_atomically(chosen, out_csv)
         return out_csv
     rows = []
     for png in sorted(TUXPAINT_STAMPS.rglob("*.png")):
@@ -95,9 +110,13 @@ def build_tuxpaint_table(cache_dir: Optional[Path] = None) -> Path:
             continue
         category = png.relative_to(TUXPAINT_STAMPS).parts[0]
         rows.append({"image": str(png), "caption": lines[0], "category": category})
-    target.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".all.", suffix=".csv", dir=target)
-    os.close(fd)
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
+    _write_csv_atomically(pd.DataFrame(rows), out_csv)
     return out_csv
+
+
+def _write_csv_atomically(table: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv", dir=path.parent)
+    os.close(fd)
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)

@@ -7,12 +7,17 @@ import difflib
 from torch import nn
 
 from .contrastive import ContrastiveLoss
+from .siglip import SigLipLoss
 
-LOSSES = {"contrastive": ContrastiveLoss}
+LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLipLoss}
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
-    """Build a loss by name (``contrastive``)."""
+    """Build a loss by name: ``contrastive`` (CLIP's softmax) or ``siglip`` (sigmoid, needs a logit bias).
+
+    Example:
+        >>> loss_fn = create_loss("siglip")
+    """
     if name not in LOSSES:
         close = difflib.get_close_matches(name, list(LOSSES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -20,4 +25,4 @@ def create_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[name](**kwargs)
 
 
-__all__ = ["ContrastiveLoss", "create_loss", "LOSSES"]
+__all__ = ["ContrastiveLoss", "SigLipLoss", "create_loss", "LOSSES"]

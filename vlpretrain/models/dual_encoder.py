@@ -20,6 +20,8 @@ from torch import nn
 
 CONFIG_NAME = "vlp_config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Beside the weights of a transformers CLIP / SigLIP model: its config, tokenizer and processor files.
+HF_SUPPORT_DIR = "hf"
 
 
 class DualEncoder(nn.Module):
@@ -104,12 +106,17 @@ class DualEncoder(nn.Module):
         self.cached_text_dropout = dropout
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalized features of both towers and the (exponentiated) logit scale, ready for a loss."""
-        return {
+        """Normalized features of both towers, the (exponentiated) logit scale and, for sigmoid-loss
+        models (SigLIP), the logit bias: ready for a loss."""
+        out = {
             "image_features": self.encode_image(images, normalize=True),
             "text_features": self.encode_text(tokens, normalize=True),
             "logit_scale": self.clip.logit_scale.exp(),
         }
+        logit_bias = getattr(self.clip, "logit_bias", None)
+        if logit_bias is not None:
+            out["logit_bias"] = logit_bias
+        return out
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -132,11 +139,16 @@ class DualEncoder(nn.Module):
 
     def config_dict(self) -> dict:
         cfg = self.model_config
-        return {
+        values = {
             "model": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg),
             "open_clip_model_cfg": self.open_clip_config,
             "format": "vlpretrain-dual-encoder-v1",
         }
+        hf_model = getattr(self.clip, "hf_model", None)
+        if hf_model is not None:
+            # A transformers model rebuilds from its own config, so any checkpoint (trainer steps too) loads.
+            values["hf_config"] = hf_model.config.to_dict()
+        return values
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder."""
@@ -172,6 +184,9 @@ def write_model_files(model: DualEncoder, directory: Path, state_dict: Optional[
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(model.config_dict(), indent=2))
+    save_support_files = getattr(model.clip, "save_support_files", None)
+    if save_support_files is not None:
+        save_support_files(directory / HF_SUPPORT_DIR)
 
 
 def replace_directory(src: Path, dst: Path) -> None:

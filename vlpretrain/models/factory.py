@@ -12,7 +12,7 @@ import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from ..config import ConfigError, ModelConfig, load_recipe
-from .dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder
+from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, WEIGHTS_NAME, DualEncoder
 from .towers import build_open_clip_config, uses_custom_text
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,16 @@ def build_tokenizer(open_clip_cfg: dict):
 
 
 def build_transforms(open_clip_cfg: dict, cfg: ModelConfig, augmentation: Optional[dict] = None):
-    """(train, eval) image transforms from open_clip, sized by the image tower."""
+    """(train, eval) image transforms from open_clip, sized by the image tower.
+
+    A transformers CLIP / SigLIP model's config carries its processor's settings (``hf_preprocess``:
+    mean, std, resize mode and interpolation), used unless the recipe sets image_mean / image_std.
+    """
     image_size = open_clip_cfg["vision_cfg"].get("image_size", 224)
-    mean = tuple(cfg.image_mean) if cfg.image_mean else None
-    std = tuple(cfg.image_std) if cfg.image_std else None
+    hf = open_clip_cfg.get("hf_preprocess") or {}
+    mean = tuple(cfg.image_mean) if cfg.image_mean else (tuple(hf["mean"]) if hf.get("mean") else None)
+    std = tuple(cfg.image_std) if cfg.image_std else (tuple(hf["std"]) if hf.get("std") else None)
+    resize_mode, interpolation = hf.get("resize_mode"), hf.get("interpolation")
     aug = dict(augmentation or {})
     for key in ("scale", "ratio"):
         if key in aug and aug[key] is not None:
@@ -49,7 +55,14 @@ def build_transforms(open_clip_cfg: dict, cfg: ModelConfig, augmentation: Option
         from ..data.augment import RandomShading
 
         train.transforms.insert(1, RandomShading(shade_prob, tuple(shade_strength)))
-    evaluation = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    evaluation = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std,
+                                           resize_mode=resize_mode, interpolation=interpolation)
+    if hf.get("resize_mode") == "shortest" and hf.get("resize_size", image_size) != image_size:
+        from torchvision import transforms
+
+        # CLIP processors may resize the shortest side to more than the crop (e.g. 256 then crop 224).
+        evaluation.transforms[0] = transforms.Resize(
+            hf["resize_size"], interpolation=transforms.InterpolationMode(interpolation or "bicubic"))
     return train, evaluation
 
 
@@ -59,7 +72,10 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
     Example:
         >>> from vlpretrain.config import ModelConfig
         >>> model = build_model(ModelConfig(arch="ViT-B-32", image_tower="timm:resnet18", text_tower="hf:minilm-l6"))
+        >>> clip = build_model(ModelConfig(hf_model="openai/clip-vit-base-patch32"))
     """
+    if cfg.hf_model:
+        return _build_hf_model(cfg, augmentation, load_pretrained)
     open_clip_cfg = build_open_clip_config(cfg)
     vision_cfg, text_cfg = dict(open_clip_cfg["vision_cfg"]), dict(open_clip_cfg["text_cfg"])
     if "timm_model_name" in vision_cfg:
@@ -76,19 +92,63 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
     train_tf, eval_tf = build_transforms(open_clip_cfg, cfg, augmentation)
     model = DualEncoder(clip, build_tokenizer(open_clip_cfg), eval_tf, train_tf, cfg, open_clip_cfg,
                         max_logit_scale=cfg.max_logit_scale)
+    apply_locks(model, cfg)
+    return model
+
+
+def apply_locks(model: DualEncoder, cfg: ModelConfig) -> None:
+    """Freeze the towers ``cfg.lock_image`` / ``cfg.lock_text`` name; cache a fully locked text tower."""
     if cfg.lock_image:
         model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
         if cfg.cache_locked_text and model.text_transformer_frozen():
             model.enable_text_cache(dropout=cfg.cached_text_dropout)
+
+
+def _build_hf_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pretrained: bool = True,
+                    config_dict: Optional[dict] = None, support: Optional[str] = None) -> DualEncoder:
+    """A DualEncoder over a transformers CLIPModel / SiglipModel (see ``hf_towers``).
+
+    ``config_dict`` / ``support`` rebuild a checkpoint of ours without the original folder or hub.
+    """
+    from .hf_towers import load_hf_towers
+
+    towers, tokenizer = load_hf_towers(cfg.hf_model, load_pretrained, config_dict=config_dict, support=support)
+    settings = towers.image_settings
+    # Stands in for open_clip's model config: the keys the rest of the toolkit reads (sizes, embed_dim).
+    open_clip_cfg = {
+        "embed_dim": towers.embed_dim,
+        "vision_cfg": {"image_size": settings["image_size"]},
+        "text_cfg": {"context_length": tokenizer.context_length},
+        "hf_model": cfg.hf_model,
+        "hf_model_type": towers.model_type,
+        "hf_preprocess": settings,
+    }
+    train_tf, eval_tf = build_transforms(open_clip_cfg, cfg, augmentation)
+    # A pretrained SigLIP's temperature can sit above CLIP's cap of 100; clamping would cut it.
+    max_logit_scale = max(cfg.max_logit_scale, float(towers.logit_scale.detach().max()))
+    model = DualEncoder(towers, tokenizer, eval_tf, train_tf, cfg, open_clip_cfg, max_logit_scale=max_logit_scale)
+    apply_locks(model, cfg)
     return model
 
 
+# Suffixes of weight files, so that a missing file is not mistaken for a pretrained tag.
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz", ".npy")
+
+
 def _load_open_clip_weights(clip: torch.nn.Module, cfg: ModelConfig) -> None:
-    """Full CLIP weights from an open_clip pretrained tag (downloads when online) or a file."""
+    """Full CLIP weights from an open_clip pretrained tag (downloads when online) or a file.
+
+    A file that is missing, unreadable or made for another architecture is a one-line error naming it.
+    """
     source = cfg.pretrained
+    label = f"open_clip:{cfg.arch}@{source}" if cfg.arch else f"model.pretrained={source}"
     if not Path(source).is_file():
+        # Pretrained tags (laion2b_s34b_b79k, openai) are bare names; anything path-like is a file.
+        if "/" in source or "\\" in source or Path(source).suffix.lower() in _WEIGHT_SUFFIXES:
+            raise FileNotFoundError(f"{label}: weights file not found (give the path of an open_clip "
+                                    f".pt / .bin / .safetensors file, or a pretrained tag)")
         if not cfg.arch:
             raise ConfigError(f"model.pretrained: '{source}' is not a file, and a pretrained tag needs model.arch")
         tag_cfg = open_clip.get_pretrained_cfg(cfg.arch, source)
@@ -97,7 +157,46 @@ def _load_open_clip_weights(clip: torch.nn.Module, cfg: ModelConfig) -> None:
             raise ConfigError(f"model.pretrained: '{source}' is neither a file nor a pretrained tag of "
                               f"{cfg.arch} (tags: {tags})")
         source = open_clip.download_pretrained(tag_cfg)
-    open_clip.load_checkpoint(clip, source)
+    try:
+        open_clip.load_checkpoint(clip, source)
+    except Exception as error:  # noqa: BLE001 - torch.load, safetensors and load_state_dict raise many types
+        # open_clip's loader stays the one path to success; only a failure is looked into, to say why.
+        raise _weights_error(clip, cfg, label, source, error) from error
+
+
+def _weights_error(clip: torch.nn.Module, cfg: ModelConfig, label: str, source: str, error: Exception) -> ValueError:
+    """Why ``source`` did not load into ``clip``: unreadable, or the first key / shape that differs."""
+    from open_clip.factory import load_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    fix, arch = "check the architecture name", cfg.arch or "the model"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if Path(source).suffix in (".npz", ".npy"):  # big_vision weights: open_clip converts them on its own
+        return ValueError(f"{label}: weights do not fit {arch} ({first_line}); {fix}")
+    try:
+        state = load_state_dict(str(source))
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError("not a mapping of tensors")
+    except Exception:  # noqa: BLE001
+        return ValueError(f"{label}: cannot read weights from the file (corrupt, truncated, or not a PyTorch / "
+                          f"safetensors state dict)")
+    if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    model_state = clip.state_dict()
+    # open_clip interpolates positional embeddings to the model's size, so they never cause the failure.
+    resized = ("positional_embedding", "text.positional_embedding", "visual.positional_embedding")
+    for key, value in model_state.items():
+        if key in state and key not in resized and tuple(state[key].shape) != tuple(value.shape):
+            return ValueError(f"{label}: weights do not fit {arch} (size mismatch at {key}: file "
+                              f"{tuple(state[key].shape)}, model {tuple(value.shape)}); {fix}")
+    missing = [k for k in model_state if k not in state and k != "logit_bias"]
+    unexpected = [k for k in state if k not in model_state and not k.endswith("position_ids")]
+    details = []
+    for what, keys in (("missing from the file", missing), ("not in the model", unexpected)):
+        if keys:
+            details.append(f"{what}: {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    detail = "; ".join(details) or first_line
+    return ValueError(f"{label}: weights do not fit {arch} ({detail}); {fix}")
 
 
 def _model_config_from_dict(values: dict) -> ModelConfig:
@@ -123,15 +222,29 @@ def load_checkpoint_dir(directory: Union[str, Path], map_location: str = "cpu") 
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     cfg = _model_config_from_dict(values["model"])
-    model = build_model(cfg, load_pretrained=False)
+    if cfg.hf_model:
+        # The transformers config saved with the weights, and the tokenizer / processor files in hf/:
+        # the checkpoint reloads without the original folder or the hub.
+        support = directory / HF_SUPPORT_DIR
+        model = _build_hf_model(cfg, load_pretrained=False, config_dict=values.get("hf_config"),
+                                support=str(support) if support.is_dir() else None)
+    else:
+        model = build_model(cfg, load_pretrained=False)
     try:
         state = load_file(str(weights_path), device=map_location)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path}: unreadable or truncated weights file ({e})") from None
+    expected = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong_shape:
+        raise ValueError(f"{weights_path}: weights do not match the model in {CONFIG_NAME} "
+                         f"({len(wrong_shape)} of another shape, e.g. {wrong_shape[0]})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path}: weights do not match the model in {CONFIG_NAME} "
                          f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+    if cfg.hf_model:
+        model.max_logit_scale = max(model.max_logit_scale, float(model.logit_scale.detach().max()))
     return model
 
 
@@ -142,6 +255,7 @@ def load_model(spec: Union[str, Path, ModelConfig]) -> DualEncoder:
     - a recipe YAML (its ``model`` section, freshly initialised),
     - ``open_clip:ARCH`` (random init) or ``open_clip:ARCH/TAG`` (open_clip pretrained weights,
       downloaded when online), ``open_clip:ARCH@path/to/weights.pt``,
+    - ``hf:ORG/NAME`` or ``hf:/path/to/folder``: a transformers CLIPModel or SiglipModel,
     - a :class:`ModelConfig`.
 
     Example:
@@ -160,10 +274,15 @@ def load_model(spec: Union[str, Path, ModelConfig]) -> DualEncoder:
         elif "/" in name:
             arch, pretrained = name.split("/", 1)
         return build_model(ModelConfig(arch=arch, pretrained=pretrained))
+    if text.startswith("hf:"):
+        name = text[len("hf:"):]
+        if not name:
+            raise ValueError("cannot load model 'hf:': give a hub id or folder, e.g. hf:openai/clip-vit-base-patch32")
+        return build_model(ModelConfig(hf_model=name))
     path = Path(text)
     if path.is_dir():
         return load_checkpoint_dir(path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return build_model(load_recipe(path).model)
     raise ValueError(f"cannot load model '{text}': expected a checkpoint folder (with {CONFIG_NAME}), "
-                     f"a recipe .yaml, or open_clip:ARCH[/TAG]")
+                     f"a recipe .yaml, open_clip:ARCH[/TAG] or hf:ORG/NAME")

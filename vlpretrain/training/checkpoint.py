@@ -52,7 +52,7 @@ def read_trainer_state(path: Path) -> dict:
 
 def save_checkpoint(accelerator, model, output_dir: str | Path, state: dict, keep: int = 2) -> Path:
     """Every process calls this. Writes into a temporary folder, then renames it into place."""
-    from ..models.dual_encoder import CONFIG_NAME
+    from ..models.dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR
 
     root = checkpoint_root(output_dir)
     final = root / f"step_{state['step']:08d}"
@@ -66,6 +66,9 @@ def save_checkpoint(accelerator, model, output_dir: str | Path, state: dict, kee
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         (tmp / CONFIG_NAME).write_text(json.dumps(unwrapped.config_dict(), indent=2))
+        save_support_files = getattr(unwrapped.clip, "save_support_files", None)
+        if save_support_files is not None:  # a transformers model: tokenizer + processor, so the folder stands alone
+            save_support_files(tmp / HF_SUPPORT_DIR)
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)

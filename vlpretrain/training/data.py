@@ -8,7 +8,8 @@ from ..config import DataConfig
 
 
 def open_named_corpus(spec: str, data: DataConfig, split: Optional[str] = None) -> Any:
-    """A corpus from a spec: ``emoji:SPLIT`` (the offline demo corpus, built once) or anything
+    """A corpus from a spec: ``emoji:SPLIT`` (the offline demo corpus, built once), ``tuxpaint:SPLIT``
+    (Tux Paint's stamps, when installed: all, train, heldout) or anything
     :func:`vlpretrain.data.open_corpus` reads (table file, saved / imagefolder dataset, ``hf:NAME``)."""
     from ..data import build_emoji_corpus, open_corpus
 
@@ -19,6 +20,10 @@ def open_named_corpus(spec: str, data: DataConfig, split: Optional[str] = None) 
         if not path.is_file():
             raise ValueError(f"data: emoji split '{name}' does not exist (use train, val, test or all)")
         return open_corpus(str(path))
+    if spec.startswith("tuxpaint:"):
+        from ..data.rendered import build_tuxpaint_table
+
+        return open_corpus(str(build_tuxpaint_table(split=spec.split(":", 1)[1] or "all")))
     return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column)
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..config import RecipeConfig
 from ..losses import create_loss
-from ..models import build_model
+from .start import build_start_model
 from .checkpoint import list_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
 from .data import build_train_dataset, open_named_corpus
 from .optim import create_optimizer, create_scheduler
@@ -174,7 +174,7 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     if accelerator.is_main_process:
         (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    model = build_model(cfg.model, augmentation=cfg.data.augmentation)
+    model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
     loss_fn = create_loss(cfg.loss.name)
     dataset = build_train_dataset(cfg.data, model, tc.seed)
     if len(dataset) < tc.batch_size * world:
