@@ -45,20 +45,23 @@ def test_init_from_a_missing_folder_names_it(tmp_path):
 
 
 def test_tuxpaint_splits_by_category(tmp_path, monkeypatch):
+    """train + val = the five training categories (val: about one stamp in five, by path hash);
+    heldout = every other category."""
     stamps = tmp_path / "stamps"
-    for i, category in enumerate(["animals", "animals", "town", "vehicles", "plants", "plants"]):
+    categories = ["animals"] * 12 + ["town"] * 8 + ["vehicles", "plants", "plants"]
+    for i, category in enumerate(categories):
         folder = stamps / category / "sub"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"s{i}.png")
+        Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(folder / f"s{i}.png")
         (folder / f"s{i}.txt").write_text(f"A stamp number {i}.\nSecond line.\n")
     monkeypatch.setattr(rendered, "TUXPAINT_STAMPS", stamps)
     monkeypatch.setenv("VLP_CACHE_DIR", str(tmp_path / "cache"))
-    train_set = open_labelled_images("tuxpaint:train", label_column="category")
-    heldout = open_labelled_images("tuxpaint:heldout", label_column="category")
-    assert sorted(train_set.labels) == ["animals", "animals", "town"]
-    assert sorted(heldout.labels) == ["plants", "plants", "vehicles"]
-    assert len(open_labelled_images("tuxpaint:", label_column="category")) == 6
+    split = {name: open_labelled_images(f"tuxpaint:{name}", label_column="category") for name in ("train", "val", "heldout")}
+    assert sorted(split["train"].labels + split["val"].labels) == ["animals"] * 12 + ["town"] * 8
+    assert 1 <= len(split["val"]) <= 8 and not set(split["train"].sources) & set(split["val"].sources)
+    assert sorted(split["heldout"].labels) == ["plants", "plants", "vehicles"]
+    assert len(open_labelled_images("tuxpaint:", label_column="category")) == len(categories)
     table = pd.read_csv(tmp_path / "cache" / "tuxpaint-v1" / "train.csv")
-    assert table["caption"].tolist()[0] == "A stamp number 0."
-    with pytest.raises(ValueError, match=r"^tuxpaint split 'test' does not exist \(use all, train, heldout\)$"):
+    assert table["caption"].str.fullmatch(r"A stamp number \d+\.").all()
+    with pytest.raises(ValueError, match=r"^tuxpaint split 'test' does not exist \(use all, train, val, heldout\)$"):
         open_labelled_images("tuxpaint:test", label_column="category")
