@@ -219,3 +219,32 @@ def test_shading_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError) as error:
         RandomShading(**kwargs)
     assert str(error.value) == message
+
+
+def test_colour_captions_are_augmented_without_colour_changes(tmp_path):
+    """protect_colour_captions: a caption naming a colour or skin tone gets the transform without colour
+    jitter / greyscale; other captions get the full one."""
+    import numpy as np
+    from PIL import Image
+
+    from vlpretrain.config import DataConfig
+    from vlpretrain.data import open_corpus
+    from vlpretrain.models import build_model
+    from vlpretrain.training.data import build_train_dataset
+
+    Image.fromarray(np.full((32, 32, 3), (200, 30, 30), np.uint8)).save(tmp_path / "red.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\nred.png,a red square\nred.png,a square\n"
+                                        "red.png,waving hand: dark skin tone\n")
+    augmentation = {"scale": [1.0, 1.0], "gray_scale_prob": 1.0, "protect_colour_captions": True}
+    data = DataConfig(train=str(tmp_path / "pairs.csv"), augmentation=augmentation)
+    model = build_model(tiny_model_config(), augmentation=augmentation)
+    dataset = build_train_dataset(data, model, seed=0)
+
+    def is_grey(pixels):
+        return torch.allclose(pixels[0] * 0.26862954 + 0.48145466, pixels[1] * 0.26130258 + 0.4578275, atol=1e-3)
+
+    assert [is_grey(dataset[i]["image"]) for i in range(3)] == [False, True, False]
+    with pytest.raises(ValueError, match=r"^data.augmentation.protect_colour_captions: '\(' is not a regular expression"):
+        build_train_dataset(DataConfig(train=str(tmp_path / "pairs.csv"), augmentation={"protect_colour_captions": "("}),
+                            model, seed=0)
+    assert open_corpus(str(tmp_path / "pairs.csv"))  # the table itself is unchanged

@@ -3,13 +3,18 @@
 - :class:`RandomShading`: a smooth light-to-dark field over the drawing, leaving the white background
   alone. Flat-coloured art (twemoji) then also shows the highlights and shadows of shaded styles (Noto),
   without changing any hue, so colour words in captions stay true.
+- Colour-safe captions (``data.augmentation.protect_colour_captions``): colour jitter, greyscale and
+  shading make a model ignore colour, which is right for "a cat" and wrong for "a red heart" or
+  "waving hand: dark skin tone". Samples whose caption names a colour or a skin tone are augmented
+  without them (:func:`colour_caption_pattern`, :func:`colour_safe_augmentation`).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+import re
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -58,3 +63,33 @@ class RandomShading:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p}, strength={self.strength})"
+
+
+# Words whose truth depends on colour: colour names, light / dark, and the emoji skin tones.
+DEFAULT_COLOUR_CAPTION_PATTERN = (
+    r"\b(red|orange|yellow|green|blue|purple|violet|brown|black|white|grey|gray|pink|gold|golden|silver|"
+    r"rainbow|colou?red|light|dark|pale|skin tones?)\b")
+# Augmentations that change colour; the colour-safe transform leaves them out.
+COLOUR_AUGMENTATION_KEYS = ("color_jitter", "color_jitter_prob", "gray_scale_prob", "shade_prob", "shade_strength")
+
+
+def colour_caption_pattern(setting: Any) -> Optional[re.Pattern]:
+    """``protect_colour_captions``: true -> the default colour-word pattern, a string -> that regular
+    expression (case-insensitive), false / absent -> None.
+
+    Example:
+        >>> bool(colour_caption_pattern(True).search("waving hand: dark skin tone"))
+        True
+    """
+    if not setting:
+        return None
+    source = DEFAULT_COLOUR_CAPTION_PATTERN if setting is True else str(setting)
+    try:
+        return re.compile(source, re.IGNORECASE)
+    except re.error as e:
+        raise ValueError(f"data.augmentation.protect_colour_captions: {source!r} is not a regular expression ({e})") from None
+
+
+def colour_safe_augmentation(augmentation: dict) -> dict:
+    """The same augmentation settings without the colour-changing ones."""
+    return {k: v for k, v in augmentation.items() if k not in COLOUR_AUGMENTATION_KEYS and k != "protect_colour_captions"}

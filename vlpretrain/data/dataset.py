@@ -11,7 +11,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ class ImageTextDataset(Dataset):
         caption_choice: str = "random",
         seed: int = 0,
         max_tries: int = 50,
+        caption_transform: Optional[tuple[re.Pattern, Callable[[Any], torch.Tensor]]] = None,
     ) -> None:
         if caption_choice not in CAPTION_CHOICES:
             raise ValueError(f"caption_choice={caption_choice!r}; choose one of {CAPTION_CHOICES}")
@@ -74,6 +76,9 @@ class ImageTextDataset(Dataset):
         self.caption_choice = caption_choice
         self.seed = int(seed)
         self.max_tries = int(max_tries)
+        # (pattern, transform): a sample whose caption matches gets this transform instead (colour-safe
+        # augmentation for captions that name colours; see data/augment.py).
+        self.caption_transform = caption_transform
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,8 +95,11 @@ class ImageTextDataset(Dataset):
             return [captions[0]]
         return [captions[_mix(self.seed, self.epoch, index) % len(captions)]]
 
-    def _to_tensor(self, image: Any, index: int) -> torch.Tensor:
-        if self.transform is None:
+    def _to_tensor(self, image: Any, index: int, captions: Sequence[str] = ()) -> torch.Tensor:
+        transform = self.transform
+        if self.caption_transform is not None and any(self.caption_transform[0].search(c) for c in captions):
+            transform = self.caption_transform[1]
+        if transform is None:
             from torchvision.transforms.functional import to_tensor
 
             return to_tensor(image)
@@ -100,7 +108,7 @@ class ImageTextDataset(Dataset):
         # number of processes, or a resume in the middle of an epoch.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(self.seed, self.epoch, index, 1))
-            return self.transform(image)
+            return transform(image)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.corpus)
@@ -113,10 +121,11 @@ class ImageTextDataset(Dataset):
             except BadImageError as e:
                 skipped.append((row.source, str(e)))
                 continue
-            tokens = self.tokenizer(self._pick_captions(row.captions, j))
+            captions = self._pick_captions(row.captions, j)
+            tokens = self.tokenizer(captions)
             if self.caption_choice != "all":
                 tokens = tokens[0]
-            return {"image": self._to_tensor(image, j), "tokens": tokens, "index": j, "skipped": skipped}
+            return {"image": self._to_tensor(image, j, captions), "tokens": tokens, "index": j, "skipped": skipped}
         last = f" (last: {skipped[-1][0]}: {skipped[-1][1]})" if skipped else ""
         raise RuntimeError(
             f"{self.corpus.name}: {len(skipped)} images in a row failed to load, starting at index "

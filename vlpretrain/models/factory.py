@@ -45,6 +45,7 @@ def build_transforms(open_clip_cfg: dict, cfg: ModelConfig, augmentation: Option
     # the PIL image, shading first.
     blur_prob, blur_sigma = float(aug.pop("blur_prob", 0.0) or 0.0), aug.pop("blur_sigma", (0.1, 1.0))
     shade_prob, shade_strength = float(aug.pop("shade_prob", 0.0) or 0.0), aug.pop("shade_strength", (0.2, 0.5))
+    aug.pop("protect_colour_captions", None)  # read by the training dataset (data/augment.py)
     train = open_clip.image_transform(image_size, is_train=True, mean=mean, std=std, aug_cfg=aug or None)
     if blur_prob > 0:
         from torchvision import transforms

@@ -41,4 +41,17 @@ def build_train_dataset(data: DataConfig, model, seed: int):
     corpus = open_named_corpus(data.train, data, data.split)
     if len(corpus) == 0:
         raise ValueError(f"data.train: {data.train} holds no usable rows")
-    return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, caption_choice="random", seed=seed)
+    return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, caption_choice="random", seed=seed,
+                            caption_transform=_colour_safe_transform(data, model))
+
+
+def _colour_safe_transform(data: DataConfig, model):
+    """(pattern, transform without colour augmentation) when ``data.augmentation.protect_colour_captions``."""
+    from ..data.augment import colour_caption_pattern, colour_safe_augmentation
+    from ..models.factory import build_transforms
+
+    pattern = colour_caption_pattern((data.augmentation or {}).get("protect_colour_captions"))
+    if pattern is None:
+        return None
+    safe, _ = build_transforms(model.open_clip_config, model.model_config, colour_safe_augmentation(data.augmentation))
+    return pattern, safe
