@@ -64,6 +64,11 @@ class ModelConfig:
     cached_text_dropout: float = 0.1
     image_mean: Optional[list] = None
     image_std: Optional[list] = None
+    # Fusion heads (ALBEF / FLAVA): a cross-attention encoder over text and image tokens with image-text
+    # matching (ITM) and masked-language-modelling (MLM) heads. Empty = none. Keys (defaults): layers 2,
+    # width null (= text width), heads null (= width // 64), mlp_ratio 4, itm true, mlm true, negatives
+    # hard | random, negatives_from local | global, mlm_probability 0.15 (see vlpretrain.models.fusion).
+    fusion: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +133,19 @@ class LossConfig:
 
     name: str = "contrastive"
     weight: float = 1.0
+    # loss.name=albef (models with model.fusion): the weight of each term.
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    # Momentum distillation (ALBEF), off when None: an EMA of the model with this decay (e.g. 0.995)
+    # gives soft ITC targets and fills the queue.
+    momentum: Optional[float] = None
+    # Momentum features of past batches kept as extra ITC negatives (0 = none; ALBEF uses 65536).
+    queue_size: int = 0
+    # Soft-target weight: alpha * softmax(momentum similarities) + (1 - alpha) * one-hot.
+    distill_alpha: float = 0.4
+    # alpha ramps linearly from 0 over this many steps; None = one epoch (set by the trainer).
+    distill_warmup_steps: Optional[int] = None
 
 
 @dataclass

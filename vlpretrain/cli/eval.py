@@ -53,7 +53,8 @@ def add_parser(commands) -> None:
     t.add_argument("--split", default=None, help="split of a Hugging Face dataset")
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--rerank-itm", type=int, default=None, metavar="K",
-                   help="re-rank the top K with the model's image-text matching head (models with an ITM head only)")
+                   help="also re-rank each query's top K by embedding with the model's image-text matching head "
+                        "and report itm_reranked_* recalls (models trained with fusion heads only)")
     t.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(run=run_retrieval)
@@ -171,6 +172,12 @@ def run_retrieval(args) -> int:
           f"text->image R@1/5/10 {recalls('image_retrieval')}% (chance {recalls('image_retrieval', 'chance_')}%), "
           f"image->text R@1/5/10 {recalls('text_retrieval')}% (chance {recalls('text_retrieval', 'chance_')}%), "
           f"median rank {m['image_retrieval_median_rank']:g} / {m['text_retrieval_median_rank']:g}")
+    if args.rerank_itm is not None:
+        print(f"ITM re-ranked (top {m['rerank_k']}): text->image R@1/5/10 {recalls('image_retrieval', 'itm_reranked_')}%, "
+              f"image->text R@1/5/10 {recalls('text_retrieval', 'itm_reranked_')}%")
+    if "mlm_accuracy" in m:
+        print(f"masked-token accuracy of the MLM head: {100 * m['mlm_accuracy']:.1f}% "
+              f"({m['mlm_masked_tokens']} masked tokens)")
     if m["bad_images"]:
         print(f"warning: {m['bad_images']} images could not be decoded; they count as misses")
     if args.output:

@@ -65,6 +65,10 @@ def add_parser(commands) -> None:
     q.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
     q.add_argument("--model", default=None,
                    help="model that embeds the query (default: the model spec stored with the index)")
+    q.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="re-score the top K hits with the model's image-text matching head and re-sort them "
+                        "(models trained with fusion heads; text queries on an image index read the hit images "
+                        "from their paths)")
     q.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     q.set_defaults(run=run_query)
 
@@ -144,20 +148,24 @@ def run_query(args) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
+    if args.rerank is not None and args.rerank < 1:
+        raise ValueError(f"--rerank must be at least 1, got {args.rerank}")
     index = RetrievalIndex.load(args.index, model_spec=args.model)
     if args.text is not None:
-        hits = index.search(texts=[args.text], k=args.k)[0]
+        hits = index.search(texts=[args.text], k=args.k, rerank=args.rerank)[0]
     else:
         from pathlib import Path
 
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"--image {args.image}: no such file")
-        hits = index.search(images=[args.image], k=args.k)[0]
+        hits = index.search(images=[args.image], k=args.k, rerank=args.rerank)[0]
     if args.json:
         print(json.dumps(hits, indent=2, default=str))
         return 0
     for hit in hits:
-        print(f"{hit['rank']:>4}  {hit['score']:.4f}  {hit['image'] or '(in-memory image)'}  {hit['caption']}")
+        itm = "" if args.rerank is None else ("  itm -     " if hit.get("itm_score") is None
+                                              else f"  itm {hit['itm_score']:.4f}")
+        print(f"{hit['rank']:>4}  {hit['score']:.4f}{itm}  {hit['image'] or '(in-memory image)'}  {hit['caption']}")
     return 0
 
 

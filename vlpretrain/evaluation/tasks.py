@@ -174,8 +174,10 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     Every image and every caption is encoded once; Recall@k is then computed exactly, in chunks:
     ``image_retrieval_recall@k`` (a caption finds its image among all images) and
     ``text_retrieval_recall@k`` (an image finds any of its captions among all captions), with mean
-    and median rank and the chance level of each recall. ``rerank_itm`` (re-scoring the top K
-    with an image-text matching head) is reserved for models that have one.
+    and median rank and the chance level of each recall. ``rerank_itm=K`` (models with an ITM fusion
+    head) also re-scores each query's top K candidates with the head and reports
+    ``itm_reranked_image_retrieval_recall@k`` / ``itm_reranked_text_retrieval_recall@k`` and ``rerank_k``
+    (see :mod:`vlpretrain.evaluation.rerank`).
 
     Example:
         >>> corpus = open_named_corpus("emoji:test", DataConfig())
@@ -184,8 +186,11 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     from .features import encode_corpus
     from .retrieval import retrieval_metrics
 
-    if rerank_itm is not None:  # no model has a fusion head yet; the fusion issue adds it
-        raise ValueError("--rerank-itm needs a model with an ITM fusion head; this model has none")
+    if rerank_itm is not None:
+        if isinstance(rerank_itm, bool) or not isinstance(rerank_itm, int) or rerank_itm < 1:
+            raise ValueError(f"--rerank-itm must be a positive number of candidates, got {rerank_itm!r}")
+        if not getattr(model, "has_itm", False):
+            raise ValueError("--rerank-itm needs a model with an ITM fusion head; this model has none")
     name = dataset_name or _short_name(getattr(corpus, "name", "corpus"))
     if len(corpus) == 0:
         raise ValueError(f"{name}: the corpus has no rows to evaluate")
@@ -194,4 +199,18 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
         raise ValueError(f"{name}: no captions found; check --caption-column")
     metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"], ks=ks)
     metrics["bad_images"] = len(feats["bad_images"])
+    if rerank_itm is not None:
+        from .rerank import corpus_image_loader, reranked_retrieval_metrics
+
+        metrics.update(reranked_retrieval_metrics(
+            model, corpus_image_loader(corpus, model.preprocess), feats["captions"], feats["image_features"],
+            feats["text_features"], feats["text_to_image"], rerank_itm, ks=ks, batch_size=min(batch_size, 64),
+            progress=progress))
+        metrics["rerank_k"] = rerank_itm
+    fusion = getattr(model, "fusion", None)
+    if fusion is not None and fusion.settings.mlm:
+        from .mlm import masked_token_accuracy
+
+        metrics.update(masked_token_accuracy(model, corpus, feats["captions"], feats["text_to_image"],
+                                             batch_size=min(batch_size, 64), progress=progress))
     return report(name, model_name, "zeroshot_retrieval", metrics)

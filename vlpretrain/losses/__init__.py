@@ -6,14 +6,16 @@ import difflib
 
 from torch import nn
 
+from .albef import AlbefLoss
 from .contrastive import ContrastiveLoss
 from .siglip import SigLipLoss
 
-LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLipLoss}
+LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLipLoss, "albef": AlbefLoss}
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
-    """Build a loss by name: ``contrastive`` (CLIP's softmax) or ``siglip`` (sigmoid, needs a logit bias).
+    """Build a loss by name: ``contrastive`` (CLIP's softmax), ``siglip`` (sigmoid, needs a logit bias) or
+    ``albef`` (contrastive + image-text matching + masked language modelling, for models with fusion heads).
 
     Example:
         >>> loss_fn = create_loss("siglip")
@@ -25,4 +27,4 @@ def create_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[name](**kwargs)
 
 
-__all__ = ["ContrastiveLoss", "SigLipLoss", "create_loss", "LOSSES"]
+__all__ = ["AlbefLoss", "ContrastiveLoss", "SigLipLoss", "create_loss", "LOSSES"]

@@ -23,14 +23,21 @@ class ContrastiveLoss(nn.Module):
         >>> loss_fn(**out)["contrastive_loss"].backward()
     """
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits_per_image, logits_per_text, labels)``: local rows against the gathered global batch,
+        and the global column of each local row's positive (ALBEF's loss appends queue columns to these)."""
         batch = image_features.shape[0]
         all_image = all_gather_with_grad(image_features)
         all_text = all_gather_with_grad(text_features)
         logits_per_image = logit_scale * image_features @ all_text.T
         logits_per_text = logit_scale * text_features @ all_image.T
         labels = torch.arange(batch, device=image_features.device) + get_rank() * batch
+        return logits_per_image, logits_per_text, labels
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits_per_image, logits_per_text, labels = self.logits(image_features, text_features, logit_scale)
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return {"contrastive_loss": loss}
 

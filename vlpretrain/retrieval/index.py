@@ -61,7 +61,8 @@ TEXT_RECALL_FLOOR = 0.9
 TEXT_RECALL_GAP = 0.05
 # Columns of meta.parquet; corpus extra columns with these names get an "extra_" prefix.
 META_COLUMNS = ("id", "modality", "row", "image", "caption", "source")
-RERANK_MESSAGE = "ITM re-ranking needs a model with a fusion head (not available yet)"
+RERANK_MESSAGE = ("ITM re-ranking needs a model with an ITM fusion head (trained with model.fusion and "
+                  "loss.name albef); this index's model has none")
 
 EmbeddingsLike = Union[str, os.PathLike, Any, Sequence[Union[str, os.PathLike, Any]]]
 
@@ -727,21 +728,29 @@ class RetrievalIndex:
         """Top-``k`` hits per query, given as ``texts``, ``images`` (paths / PIL images) or ``vectors``.
 
         Each hit is ``{"rank", "score", "id", "image", "caption", "row", "modality", "source", ...extras}``
-        (rank from 1, score the inner product). ``rerank`` is reserved for image-text matching
-        re-ranking of the top hits.
+        (rank from 1, score the inner product).
+
+        ``rerank=K`` (models with an ITM fusion head): the top ``max(k, K)`` hits are found by embedding,
+        the first K are re-scored by the image-text matching head (text queries against an image index,
+        whose hit images are read from their paths; or image queries against a caption index) and
+        re-sorted, best match first; ``k`` hits are returned, each with ``"itm_score"`` (the match
+        probability; None for hits beyond the first K).
 
         Example:
             >>> index.search(texts="a red heart", k=2)
             [[{'rank': 1, 'score': 0.31, 'id': 17, 'image': '/data/heart.png', 'caption': 'red heart', ...}, ...]]
         """
-        if rerank is not None:
-            raise NotImplementedError(RERANK_MESSAGE)
+        if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer))
+                                   or rerank < 1):
+            raise ValueError(f"search: rerank must be a positive integer (candidates to re-score), got {rerank!r}")
         given = [name for name, value in (("texts", texts), ("images", images), ("vectors", vectors))
                  if value is not None]
         if len(given) != 1:
             raise ValueError(f"search: give exactly one of texts, images or vectors (got {', '.join(given) or 'none'})")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"search: k must be a positive integer, got {k!r}")
+        if rerank is not None:
+            self._check_rerank(texts, images)
         if texts is not None:
             texts = [texts] if isinstance(texts, str) else list(texts)
             queries = self._encode(texts, None) if texts else np.zeros((0, self.dim), np.float32)
@@ -756,7 +765,8 @@ class RetrievalIndex:
                                  f"dimension {self.dim}: give (n, {self.dim}) vectors")
         if len(queries) == 0:
             return []
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), self.ntotal))
+        wanted = max(int(k), int(rerank or 0))
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(wanted, self.ntotal))
         results = []
         for row_scores, row_ids in zip(scores, ids):
             found = row_ids >= 0  # fewer than k reachable vectors (IVF with small nprobe) give -1
@@ -771,4 +781,67 @@ class RetrievalIndex:
                 hit.update(values)
                 hits.append(hit)
             results.append(hits)
+        if rerank is not None:
+            results = [self._rerank(query, hits, int(rerank), int(k))
+                       for query, hits in zip(texts if texts is not None else images, results)]
         return results
+
+    def _check_rerank(self, texts, images) -> None:
+        """One-line errors for re-ranking requests that cannot work, before any search."""
+        if texts is None and images is None:
+            raise ValueError("search: rerank needs the queries themselves (texts or images), not vectors: "
+                             "the ITM head scores the query with each hit")
+        modality = self.info["modality"]
+        if (texts is not None) == (modality == "text"):
+            raise ValueError(f"search: rerank scores image-text pairs: give texts for an index of images or images "
+                             f"for an index of captions (this index holds {modality} embeddings)")
+        if not getattr(self._get_model(), "has_itm", False):
+            raise NotImplementedError(RERANK_MESSAGE)
+
+    def _rerank(self, query: Any, hits: list[dict], rerank: int, k: int) -> list[dict]:
+        """Re-sort the first ``rerank`` hits of one query by ITM score; keep the rest; cut to ``k``."""
+        import torch
+
+        from ..data.images import BadImageError, load_rgb
+
+        model = self._get_model()
+        device = next(model.parameters()).device
+        head, tail = hits[:rerank], hits[rerank:]
+        if not head:
+            return hits[:k]
+        try:
+            if isinstance(query, str):  # a caption against the hit images
+                pictures = []
+                for hit in head:
+                    if not hit["image"]:
+                        raise ValueError(f"search: cannot re-rank hit {hit['id']}: the index stores no image path "
+                                         f"for it (images held inside the data set); rerank needs image files")
+                    try:
+                        pictures.append(model.preprocess(load_rgb(hit["image"])))
+                    except BadImageError as e:
+                        raise ValueError(f"search: cannot re-rank hit {hit['id']}: {e}; rerank reads the indexed "
+                                         f"images from their paths") from None
+                images = torch.stack(pictures).to(device)
+                tokens = model.tokenizer([query] * len(head)).to(device)
+            else:  # an image against the hit captions
+                picture = model.preprocess(load_rgb(query))
+                images = picture[None].expand(len(head), *picture.shape).to(device)
+                tokens = model.tokenizer([hit["caption"] for hit in head]).to(device)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    scores = model.itm_scores(images, tokens).float().cpu().tolist()
+            finally:
+                model.train(was_training)
+        except BadImageError as e:
+            raise ValueError(f"search: cannot read the query image: {e}") from None
+        for hit, score in zip(head, scores):
+            hit["itm_score"] = float(score)
+        for hit in tail:
+            hit["itm_score"] = None
+        # A stable sort: equal scores keep the embedding order.
+        ranked = sorted(head, key=lambda hit: -hit["itm_score"]) + tail
+        for rank, hit in enumerate(ranked, 1):
+            hit["rank"] = rank
+        return ranked[:k]

@@ -23,6 +23,9 @@ def build_start_model(cfg: ModelConfig, augmentation: dict | None = None) -> Dua
     if not cfg.init_from:
         return build_model(cfg, augmentation=augmentation)
     model = load_model(cfg.init_from)
+    if cfg.fusion and getattr(model, "fusion", None) is None:
+        raise ValueError(f"model.fusion: model.init_from={cfg.init_from} has no fusion heads, and they cannot be "
+                         f"added to a trained model; remove model.fusion or start from a model trained with them")
     if augmentation and "vision_cfg" in model.open_clip_config:
         model.preprocess_train, _ = build_transforms(model.open_clip_config, model.model_config, augmentation)
     # The source's own locks were for its own training; this recipe decides what trains now.

@@ -11,6 +11,7 @@ Several processes (GPUs, or CPU processes talking over gloo)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..config import RecipeConfig
 from ..losses import create_loss
+from ..losses.albef import distill_alpha_at
 from .start import build_start_model
 from .checkpoint import list_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
 from .data import build_train_dataset, open_named_corpus
@@ -127,6 +129,23 @@ def _make_ema(model, tc):
     return ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup, warmup_power=0.75)
 
 
+def _make_loss(cfg: RecipeConfig):
+    """The recipe's objective; ALBEF's takes its weights, momentum and queue settings from ``loss``."""
+    if cfg.loss.name != "albef":
+        return create_loss(cfg.loss.name)
+    settings = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k not in ("name", "weight")}
+    return create_loss("albef", **settings)
+
+
+def _make_momentum_model(model, cfg: RecipeConfig):
+    """ALBEF's momentum encoders: an EMA copy of the model (``loss.momentum``), updated every step."""
+    if cfg.loss.name != "albef" or not cfg.loss.momentum:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.loss.momentum)
+
+
 def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train a dual encoder as the recipe says; returns where the final model was written.
 
@@ -175,7 +194,7 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
         (output_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
-    loss_fn = create_loss(cfg.loss.name)
+    loss_fn = _make_loss(cfg)
     dataset = build_train_dataset(cfg.data, model, tc.seed)
     if len(dataset) < tc.batch_size * world:
         raise ValueError(f"data.train has {len(dataset)} pairs, fewer than one global batch "
@@ -200,6 +219,13 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     scored = ema.module if ema is not None else unwrapped  # what validation scores and final/ holds
+    momentum = _make_momentum_model(unwrapped, cfg)
+    if momentum is not None:
+        accelerator.register_for_checkpointing(momentum)
+    if any(True for _ in loss_fn.buffers()):  # the ITC queue: saved and restored with the run
+        loss_fn.to(accelerator.device)
+        accelerator.register_for_checkpointing(loss_fn)
+    distill_warmup = cfg.loss.distill_warmup_steps if cfg.loss.distill_warmup_steps is not None else steps_per_epoch
 
     step, start_epoch, skip_batches, samples_seen = 0, 0, 0, 0
     if tc.resume:
@@ -265,8 +291,14 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                         logger.warning("skipped bad sample %s: %s", source, reason)
                     elif skipped_local == 21:
                         logger.warning("more bad samples skipped; the count is in metrics.jsonl")
-                out = model(batch["image"], batch["tokens"])
-                losses = loss_fn(**out)
+                out = model(batch["image"], batch["tokens"], image_ids=batch["index"])
+                distill = {}
+                if momentum is not None:
+                    with torch.no_grad(), accelerator.autocast():
+                        distill = {"momentum_image_features": momentum.module.encode_image(batch["image"]).float(),
+                                   "momentum_text_features": momentum.module.encode_text(batch["tokens"]).float(),
+                                   "alpha": distill_alpha_at(step, cfg.loss.distill_alpha, distill_warmup)}
+                losses = loss_fn(**out, **distill)
                 loss = sum(cfg.loss.weight * v for k, v in losses.items() if k.endswith("_loss"))
                 accelerator.backward(loss)
                 if tc.grad_clip_norm:
@@ -277,6 +309,9 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                 unwrapped.clamp_logit_scale()
                 if ema is not None:
                     ema.update(unwrapped, step=step + 1)
+                if momentum is not None:
+                    loss_fn.dequeue_and_enqueue(distill["momentum_image_features"], distill["momentum_text_features"])
+                    momentum.update(unwrapped)
 
                 step += 1
                 batch_in_epoch += 1
