@@ -69,6 +69,24 @@ def add_parser(commands) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(run=run_suite)
 
+    b = tasks.add_parser("bias", help="bias probes: association, harmful labels, per-group gaps, retrieval skew",
+                         description="Run the probes of a probe file (eval/probes/*.yaml) on a model: cross-modal "
+                                     "association tests (effect size, permutation p), harmful-label rates, per-group "
+                                     "zero-shot accuracy, retrieval skew (MaxSkew@k, NDKL@k) and the spread of each over "
+                                     "the prompt templates, with 95% bootstrap intervals. A group is flagged when its "
+                                     "Holm-adjusted permutation p-value and its pseudo-word control p-value are both "
+                                     "below the probe's alpha. Writes report.json, summary.md and report.png.")
+    b.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME")
+    b.add_argument("--probe", required=True, help="probe YAML, e.g. eval/probes/emoji-skin-tone.yaml")
+    b.add_argument("--out", default=None, help="output folder (default: results/bias/<probe>/<model folder name>)")
+    b.add_argument("--permutations", type=int, default=None, help="permutations per test (default: the probe's, or 10000)")
+    b.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples per interval (default: the probe's, or 1000)")
+    b.add_argument("--controls", type=int, default=None,
+                   help="pseudo-word control draws per test (default: the probe's, or 300; 0 turns the control test off)")
+    b.add_argument("--seed", type=int, default=None, help="seed of permutations, resamples and control draws")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(run=run_bias)
+
     for name, helptext in (("linear-probe", "logistic regression on frozen image features"),
                            ("knn", "weighted k-nearest-neighbour classification on frozen image features")):
         t = tasks.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
@@ -193,4 +211,48 @@ def run_suite(args) -> int:
     out = args.out or str(Path("results") / "eval" / Path(args.suite).stem / Path(str(args.model)).parent.name)
     result = run(args.suite, model, str(args.model), out, progress=not args.no_progress)
     print(f"written: {out}/summary.md ({len(result.results)} tasks, {len(result.skipped)} skipped)")
+    return 0
+
+
+def _model_folder_name(spec: str) -> str:
+    path = Path(spec.rstrip("/"))
+    return path.parent.name if path.name == "final" and path.parent.name else (path.stem or spec).replace(":", "-").replace("/", "-")
+
+
+def run_bias(args) -> int:
+    from ..evaluation.bias import load_probe, run_bias_probe, write_bias_report
+    from ..models import load_model
+
+    for flag in ("permutations", "bootstrap", "controls"):
+        value = getattr(args, flag)
+        if value is not None and value < (1 if flag == "permutations" else 0):
+            raise ValueError(f"--{flag} must be {'at least 1' if flag == 'permutations' else '0 or more'}, got {value}")
+    probe = load_probe(args.probe)
+    model = load_model(args.model)
+    out = args.out or str(Path("results") / "bias" / probe["name"] / _model_folder_name(str(args.model)))
+    report = run_bias_probe(model, probe, model_name=str(args.model), progress=not args.no_progress,
+                            permutations=args.permutations, bootstrap=args.bootstrap, controls=args.controls,
+                            seed=args.seed)
+    m = report["metrics"]
+    print(f"bias probe {probe['name']} on {report['dataset']}: {m['images']} images, groups "
+          + ", ".join(f"{n} {m['group_sizes'][n]}" for n in m["groups"]))
+    for test, result in (m.get("association") or {}).items():
+        print(f"association {test}: effect size " + ", ".join(
+            f"{n} {result['groups'][n]['effect_size']:+.2f}" for n in m["groups"]))
+    if m.get("harmful_labels"):
+        g = m["harmful_labels"]["groups"]
+        print("sensitive-label rate: " + ", ".join(f"{n} {100 * g[n]['rate']:.1f}%" for n in m["groups"]))
+    if m.get("group_performance"):
+        gp = m["group_performance"]
+        print("zero-shot accuracy: " + ", ".join(f"{n} {100 * gp['groups'][n]['accuracy']:.1f}%" for n in m["groups"])
+              + f" (gap {100 * gp['gap']:.1f} points, worst {gp['worst_group']})")
+    for set_name, result in (m.get("retrieval_skew") or {}).items():
+        head = result[next(k for k in result if k.startswith("k="))]
+        print(f"retrieval skew, {set_name} queries, top {head['k']}: MaxSkew {head['max_skew']:.2f}, NDKL {head['ndkl']:.3f}")
+    flags = m["flags"]
+    print("flagged: " + ("; ".join(f"{f['group']} ({f['probe']}: {f['test']}, p_adj {f['p_adjusted']:.1g}"
+                                   + (f", control p {f['control_p_value']:.1g}" if f.get("control_p_value") else "") + ")"
+                                   for f in flags) if flags else f"none at alpha {m['alpha']}"))
+    paths = write_bias_report(report, out)
+    print(f"written: {paths['json']}, {paths['markdown']}, {paths['png']}")
     return 0
