@@ -70,7 +70,10 @@ def test_vlp_eval_bias_writes_report_summary_and_plot(tmp_path, checkpoint):
                "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bias probe colours on people: 18 images, groups blue 6, green 6, red 6" in proc.stdout
-    report = json.loads((out / "report.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"report.json holds {constant}, which is not JSON")
+
+    report = json.loads((out / "report.json").read_text(), parse_constant=strict)
     assert set(report) >= {"dataset", "model", "pretrained", "task", "metrics", "language"} and report["task"] == "bias"
     m = report["metrics"]
     assert m["groups"] == ["blue", "green", "red"] and m["images"] == 18
@@ -118,7 +121,11 @@ def test_class_folders_are_groups_and_where_filters(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"colour": 1}, "unknown keys ['colour']"),
-    ({"groups": ["red", "purple"]}, "group 'purple' has no images (groups found: ['red']); fix 'groups' or 'where'"),
+    ({"groups": ["red", "purple"]}, "group 'purple' has no images (groups found: ['blue', 'green', 'red']); a group "
+                                    "needs at least 2; fix 'groups' or 'where'"),
+    ({"where": {"kind": "square"}, "groups": ["red", "blue"], "data": "one_red.csv"},
+     "group 'red' has one image (groups found: ['blue', 'red']); a group needs at least 2"),
+    ({"permutations": 0}, "'permutations' must be an integer of at least 1, got 0"),
     ({"where": {"shape": "round"}}, "'where' names column 'shape', which the data does not have (columns: ['kind'])"),
     ({"association": None, "harmful_labels": None, "group_performance": None, "retrieval_skew": None},
      "no probe to run; add one of association, harmful_labels, group_performance, retrieval_skew"),
@@ -129,7 +136,9 @@ def test_class_folders_are_groups_and_where_filters(tmp_path, checkpoint):
 def test_probe_errors_are_one_line(tmp_path, checkpoint, overrides, message, capsys):
     from vlpretrain.cli.main import main
 
-    _table(tmp_path)
+    table = _table(tmp_path)
+    lines = table.read_text().splitlines()
+    (tmp_path / "one_red.csv").write_text("\n".join([lines[0], lines[2]] + [l for l in lines if ",blue," in l]) + "\n")
     probe = _probe(tmp_path, **overrides)
     code = main(["eval", "bias", "--model", str(checkpoint), "--probe", str(probe), "--out", str(tmp_path / "o"),
                  "--no-progress"])

@@ -170,3 +170,32 @@ def test_pseudo_words_are_seeded_and_distinct():
     words = pseudo_words(50, seed=1)
     assert words == pseudo_words(50, seed=1) and len(set(words)) == 50
     assert all(w.startswith("a ") and w[2:].isalpha() for w in words)
+
+
+def test_random_permutations_in_chunks_on_a_large_set():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=25_000)
+    in_group = np.zeros(25_000, dtype=bool)
+    in_group[:100] = True
+    values[:100] += 0.5  # a real shift of half a standard deviation
+    observed, p, exact = mean_difference_test(values, in_group, permutations=2_000)  # 800 rows a chunk: 3 chunks
+    assert not exact and observed == pytest.approx(values[:100].mean() - values[100:].mean())
+    assert p == pytest.approx(1 / 2001)
+    _, p_null, _ = mean_difference_test(rng.normal(size=25_000), in_group, permutations=2_000)
+    assert 0.01 < p_null < 0.99
+
+
+def test_skew_against_a_desired_distribution_and_the_flag_rule():
+    from vlpretrain.evaluation.bias.probe import _control_p, _flags
+
+    groups = np.array(["a"] * 90 + ["b"] * 10, dtype=object)
+    similarities = np.zeros((1, 100))
+    similarities[0, 90:] = 1.0  # the 10 b images first
+    result = retrieval_skew(similarities, groups, ["a", "b"], k=20, desired={"a": 0.5, "b": 0.5}, bootstrap=20)
+    b = result["groups"]["b"]
+    assert b["share"] == 0.5 and b["desired_share"] == 0.5 and b["pool_share"] == 0.1 and b["skew"] == 0.0
+    assert b["p_adjusted"] < 0.01  # over-represented against the pool...
+    for name in ("a", "b"):
+        result["groups"][name]["control_p_value"] = 0.001
+    assert _flags(result["groups"], ["a", "b"], 0.01, "retrieval_skew", "q", "skew", controls=10) == []  # ...not vs desired
+    assert _control_p(1.0, np.array([0.5, np.nan, 2.0])) == pytest.approx(2 / 3)  # NaN draws are left out

@@ -65,6 +65,7 @@ def test_open_clip_vit_and_text_tokens(tiny):
 
 
 def test_timm_cnn_and_hugging_face_text_tokens(timm_hf):
+    assert timm_hf.fusion.settings.summary_token == "first"  # a bidirectional BERT-style tower
     images, tokens = _batch(timm_hf, size=64)
     with torch.no_grad():
         image_tokens = timm_hf.encode_image_tokens(images)
@@ -191,6 +192,24 @@ def test_itm_scores(tiny):
         tiny.itm_scores(images, tokens[:2])
     with pytest.raises(ValueError, match=f"^{re.escape(ITM_MISSING)}$"):
         build_model(tiny_model_config()).itm_scores(images, tokens)
+
+
+def test_itm_reads_the_last_text_position_when_asked():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(fusion={"layers": 1, "summary_token": "last"})).eval()
+    images, tokens = _batch(model)
+    with torch.no_grad():
+        image_tokens = model.encode_image_tokens(images)
+        hidden, padding = model.encode_text_tokens(tokens)
+        fused = model.fusion.encoder(hidden, padding, image_tokens)  # untrimmed: the same values at kept positions
+        last = (~padding).sum(1) - 1  # the end-of-text token of each caption
+        expected = model.fusion.itm_head(fused[torch.arange(4), last]).float().softmax(-1)[:, 1]
+        assert torch.allclose(model.itm_scores(image_tokens, tokens), expected, atol=1e-6)
+        assert (tokens[torch.arange(4), last] == tokens.max(1).values).all()  # open_clip's EOT has the top id
+    with pytest.raises(ValueError, match=r"^model\.fusion\.summary_token: 'cls' is not one of \['auto', 'first', 'last'\]$"):
+        fusion_settings({"summary_token": "cls"})
+    # auto: the end-of-text position for open_clip's causal text tower, [CLS] for a BERT-style one.
+    assert build_model(tiny_model_config(fusion={"layers": 1})).fusion.settings.summary_token == "last"
 
 
 def test_fusion_settings_errors():

@@ -144,7 +144,7 @@ class DualEncoder(nn.Module):
         """Attach fusion heads (:class:`~vlpretrain.models.fusion.FusionModule`) sized from the towers;
         the tokenizer's mask token (MLM) must already exist. ``build_model`` calls this for ``model.fusion``."""
         from .fusion import FusionModule
-        from .tower_tokens import image_token_width, text_pad_id, text_token_width, text_vocab_size
+        from .tower_tokens import image_token_width, text_is_causal, text_pad_id, text_token_width, text_vocab_size
 
         self.vocab_size = text_vocab_size(self.clip)
         self.mask_token_id, self.special_token_ids = _mask_and_special_ids(self.tokenizer, text_pad_id(self.clip))
@@ -155,6 +155,8 @@ class DualEncoder(nn.Module):
             raise ValueError(f"model.fusion.mlm: the mask token id {self.mask_token_id} is outside the text "
                              f"tower's vocabulary of {self.vocab_size}; set model.text.vocab_size to at least "
                              f"{self.mask_token_id + 1}")
+        if settings.summary_token == "auto":
+            settings = dataclasses.replace(settings, summary_token="last" if text_is_causal(self.clip) else "first")
         self.fusion = FusionModule(settings, text_token_width(self.clip), image_token_width(self.clip),
                                    self.vocab_size)
 

@@ -27,6 +27,10 @@ from torch import nn
 
 NEGATIVES = ("hard", "random")
 NEGATIVES_FROM = ("local", "global")
+# Which fused text position the ITM head reads: the first (BERT's [CLS]; ALBEF) or the last non-padding
+# one (the end-of-text token a causal text tower such as open_clip's pools: its first position sees only
+# itself, the same for every caption). "auto": last for a causal text tower, first otherwise.
+SUMMARY_TOKENS = ("auto", "first", "last")
 # Seed of the negative sampling and masking generators; the module's step counter is added to it.
 SAMPLING_SEED = 6_070_917
 
@@ -49,6 +53,7 @@ class FusionSettings:
     negatives: str = "hard"
     negatives_from: str = "local"
     mlm_probability: float = 0.15
+    summary_token: str = "auto"
 
 
 def fusion_settings(values: Optional[dict]) -> Optional[FusionSettings]:
@@ -82,6 +87,8 @@ def fusion_settings(values: Optional[dict]) -> Optional[FusionSettings]:
     if settings.negatives_from not in NEGATIVES_FROM:
         raise ValueError(f"model.fusion.negatives_from: '{settings.negatives_from}' is not one of "
                          f"{list(NEGATIVES_FROM)}")
+    if settings.summary_token not in SUMMARY_TOKENS:
+        raise ValueError(f"model.fusion.summary_token: '{settings.summary_token}' is not one of {list(SUMMARY_TOKENS)}")
     if not 0.0 < settings.mlm_probability <= 1.0:
         raise ValueError(f"model.fusion.mlm_probability must be in (0, 1], got {settings.mlm_probability}")
     if not (settings.itm or settings.mlm):
@@ -189,7 +196,11 @@ class FusionModule(nn.Module):
                    image_tokens: torch.Tensor) -> torch.Tensor:
         """(B, 2) logits of (no match, match) for aligned pairs."""
         text_hidden, text_padding = _trim_padding(text_hidden, text_padding)
-        return self.itm_head(self.encoder(text_hidden, text_padding, image_tokens)[:, 0])
+        fused = self.encoder(text_hidden, text_padding, image_tokens)
+        if self.settings.summary_token == "last":
+            last = ((~text_padding).sum(1) - 1).clamp(min=0)
+            return self.itm_head(fused[torch.arange(len(fused), device=fused.device), last])
+        return self.itm_head(fused[:, 0])
 
     def mlm_logits(self, text_hidden: torch.Tensor, text_padding: torch.Tensor, image_tokens: torch.Tensor,
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:

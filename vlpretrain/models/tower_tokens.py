@@ -71,6 +71,15 @@ def text_token_width(clip: nn.Module) -> int:
     return int(text.transformer.width)
 
 
+def text_is_causal(clip: nn.Module) -> bool:
+    """True when the text tower attends causally (open_clip's text transformer with its causal mask), so
+    a caption's content reaches only its later positions; Hugging Face encoders are bidirectional."""
+    if _hf_text(clip) is not None:
+        return False
+    text = _open_clip_text(clip)
+    return getattr(text, "attn_mask", None) is not None
+
+
 def text_vocab_size(clip: nn.Module) -> int:
     """Rows of the text tower's token embedding: the size of the MLM head's output."""
     hf = _hf_text(clip)

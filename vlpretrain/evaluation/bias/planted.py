@@ -25,7 +25,8 @@ __all__ = ["PEOPLE_SUBCATEGORIES", "SKIN_TONE_GROUPS", "write_people_corpus", "p
 SKIN_TONE_GROUPS = ["light", "medium-light", "medium", "medium-dark", "dark"]
 PEOPLE_SUBCATEGORIES = ["person", "person-role", "person-gesture", "person-activity", "person-sport", "person-fantasy",
                         "person-resting", "family"]
-EMOJI_TEMPLATES = ["an emoji of {c}.", "a {c} emoji.", "{c}.", "an icon of {c}.", "a picture of {c}."]
+# The probe's texts carry their article ("a cook"), so no template adds one.
+EMOJI_TEMPLATES = ["an emoji of {}.", "{}.", "an icon of {}.", "a picture of {}.", "a drawing of {}."]
 _TONE_SUFFIX = re.compile(r"[:,] (light|medium-light|medium|medium-dark|dark) skin tone$")
 
 

@@ -109,7 +109,7 @@ def check_probe(probe: dict, path: Union[str, Path] = "probe") -> dict:
 
     probe = copy.deepcopy(probe)
     path = Path(path)
-    if probe.get("source"):  # already checked
+    if probe.get("_checked"):
         return probe
     unknown = set(probe) - _KEYS
     if unknown:
@@ -160,7 +160,15 @@ def check_probe(probe: dict, path: Union[str, Path] = "probe") -> dict:
         skew["queries"] = {name: _text_list(q, f"{path}: retrieval_skew.queries.{name}") for name, q in queries.items()}
         ks = skew.get("k", [10])
         skew["k"] = [int(k) for k in (ks if isinstance(ks, list) else [ks])]
-    probe["source"] = str(path)
+    for key, low in (("permutations", 1), ("bootstrap", 0), ("controls", 0)):
+        if key in probe and (not isinstance(probe[key], int) or probe[key] < low):
+            raise ValueError(f"{path}: '{key}' must be an integer of at least {low}, got {probe[key]!r}")
+    if "alpha" in probe and not (isinstance(probe["alpha"], (int, float)) and 0 < probe["alpha"] < 1):
+        raise ValueError(f"{path}: 'alpha' must be between 0 and 1, got {probe['alpha']!r}")
+    if probe.get("retrieval_skew") and any(k < 1 for k in probe["retrieval_skew"]["k"]):
+        raise ValueError(f"{path}: retrieval_skew.k must be at least 1, got {probe['retrieval_skew']['k']}")
+    probe.setdefault("source", str(path))
+    probe["_checked"] = True
     return probe
 
 
@@ -204,15 +212,17 @@ def load_group_images(probe: dict):
         match = np.array([str(v) in allowed for v in values])
         dropped[f"where {key}"] = int((keep & ~match).sum())
         keep &= match
-    names = [str(g) for g in probe.get("groups") or sorted(set(np.asarray(data.labels)[keep].tolist()))]
+    available = sorted(set(np.asarray(data.labels, dtype=object)[keep].tolist()))
+    names = [str(g) for g in probe.get("groups") or available]
     in_groups = np.array([g in names for g in data.labels])
     dropped["other groups"] = int((keep & ~in_groups).sum())
     keep &= in_groups
-    present = set(np.asarray(data.labels)[keep].tolist())
-    missing = [g for g in names if g not in present]
-    if missing:
-        raise ValueError(f"{where}: group '{missing[0]}' has no images (groups found: {sorted(present) or 'none'}); "
-                         f"fix 'groups' or 'where'")
+    labels = np.asarray(data.labels, dtype=object)[keep]
+    for name in names:
+        count = int(np.sum(labels == name))
+        if count < 2:
+            raise ValueError(f"{where}: group '{name}' has {'no images' if not count else 'one image'} "
+                             f"(groups found: {available or 'none'}); a group needs at least 2; fix 'groups' or 'where'")
     if len(names) < 2:
         raise ValueError(f"{where}: a bias probe needs at least 2 groups, found {names}")
     index = np.flatnonzero(keep)
@@ -255,6 +265,10 @@ def _spread(per_template: list[dict[str, float]], names: Sequence[str], template
 
 
 def _control_p(observed: float, null_max: np.ndarray) -> float:
+    null_max = np.asarray(null_max, dtype=np.float64)
+    null_max = null_max[~np.isnan(null_max)]  # a draw with no spread has no effect size
+    if np.isnan(observed):
+        return float("nan")
     return float((1 + np.sum(null_max >= observed - 1e-12)) / (1 + len(null_max)))
 
 
@@ -272,7 +286,7 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
     from ..zeroshot import encode_images
 
     probe = check_probe(probe) if isinstance(probe, dict) else load_probe(probe)
-    permutations = int(permutations or probe.get("permutations", DEFAULT_PERMUTATIONS))
+    permutations = int(permutations if permutations is not None else probe.get("permutations", DEFAULT_PERMUTATIONS))
     bootstrap = int(bootstrap if bootstrap is not None else probe.get("bootstrap", DEFAULT_BOOTSTRAP))
     controls = int(controls if controls is not None else probe.get("controls", DEFAULT_CONTROLS))
     seed = int(seed if seed is not None else probe.get("seed", 0))
@@ -291,7 +305,12 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
     try:
         images = encode_images(model, data.images, progress=progress).double()  # (N, D), unit norm
         texts = _Texts(model, templates, progress)
-        control_texts = texts.mean(pseudo_words(max(controls, 1) + 50, seed)).double() if controls else None
+        # Control draws take as many pseudo-words as the texts they replace, without replacement, from a
+        # pool large enough (10x the largest draw) that draws overlap little.
+        largest = max([len(t["sensitive"]) for t in probe.get("association") or []]
+                      + [len((probe.get("harmful_labels") or {}).get("sensitive", []))]
+                      + [len(q) for q in ((probe.get("retrieval_skew") or {}).get("queries") or {}).values()] + [1])
+        control_texts = texts.mean(pseudo_words(max(controls + 50, 10 * largest), seed)).double() if controls else None
         rng = np.random.default_rng(seed)
         metrics: dict[str, Any] = {"groups": names, "images": len(data), "group_sizes":
                                    {n: int(np.sum(groups == n)) for n in names}, "left_out": dropped,
@@ -317,9 +336,9 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
                 for name, adjusted in zip(names, holm_adjust([result["groups"][n]["p_value"] for n in names])):
                     result["groups"][name]["p_adjusted"] = adjusted
                 if controls:
-                    null = np.array([max(effect_size(association_scores(images, draw(len(test["sensitive"])),
-                                                                        neutral.double()), groups == n) for n in names)
-                                     for _ in range(controls)])
+                    null = np.array([np.nanmax([effect_size(association_scores(images, draw(len(test["sensitive"])),
+                                                                                neutral.double()), groups == n)
+                                                                for n in names]) for _ in range(controls)])
                     _attach_controls(result["groups"], names, "effect_size", null)
                 per_template = []
                 for t in range(len(templates)):
@@ -416,8 +435,20 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
         metrics["flags"] = flags
     finally:
         model.train(was_training)
-    return task_report(dataset=data.name, model=model_name, task="bias", metrics=metrics, probe=probe["name"],
-                       probe_file=probe.get("source", ""))
+    return task_report(dataset=data.name, model=model_name, task="bias", metrics=_finite_or_none(metrics),
+                       probe=probe["name"], probe_file=probe.get("source", ""))
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN and +-inf (a skew of a group absent from the top k, an effect size without spread) become
+    None, so report.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _max_log_skew(similarities: np.ndarray, groups: np.ndarray, names: Sequence[str], k: int, target: np.ndarray) -> float:
@@ -437,7 +468,9 @@ def _flags(per_group: dict, names: Sequence[str], alpha: float, probe: str, test
     flags = []
     for name in names:
         entry = per_group[name]
-        if entry["p_adjusted"] < alpha and (not controls or entry.get("control_p_value", 1.0) < alpha):
+        # A one-sided test's p is small only for a positive statistic, except retrieval skew against a
+        # desired distribution other than the pool's (its p is against the pool): require both.
+        if entry["p_adjusted"] < alpha and entry[key] > 0 and (not controls or entry.get("control_p_value", 1.0) < alpha):
             flags.append({"probe": probe, "test": test, "group": name, "statistic": entry[key],
                           "p_adjusted": entry["p_adjusted"], "control_p_value": entry.get("control_p_value")})
     return flags

@@ -147,9 +147,10 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
         return "tab:orange" if entry.get("p_adjusted", 1.0) < m["alpha"] and "control_p_value" in entry else "tab:blue"
 
     for ax, (title, values, intervals, key, desired, per_group) in zip(axes.flat, panels):
-        values = np.array(values, dtype=float)
-        low = values - np.array([c[0] for c in intervals], dtype=float)
-        high = np.array([c[1] for c in intervals], dtype=float) - values
+        as_float = lambda xs: np.array([np.nan if v is None else v for v in xs], dtype=float)  # noqa: E731
+        values = as_float(values)
+        low = values - as_float([c[0] for c in intervals])
+        high = as_float([c[1] for c in intervals]) - values
         colours = [colour(key, n, per_group[n]) for n in names]
         ax.bar(x, values, color=colours, yerr=np.nan_to_num(np.vstack([low, high]).clip(min=0)), capsize=3)
         if desired is not None:
@@ -164,7 +165,10 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
         for i, key in enumerate(keys):
             spread = m["prompt_sensitivity"][key]["spread"]
             for j, n in enumerate(names):
-                ax.plot([i + (j - 2) * 0.12] * 2, [spread[n]["min"], spread[n]["max"]], color=f"C{j}", linewidth=3,
+                if spread[n]["min"] is None or spread[n]["max"] is None:
+                    continue
+                offset = (j - (len(names) - 1) / 2) * min(0.12, 0.6 / len(names))
+                ax.plot([i + offset] * 2, [spread[n]["min"], spread[n]["max"]], color=f"C{j % 10}", linewidth=3,
                         label=n if i == 0 else None)
         ax.set_xticks(range(len(keys)), [k.replace("/", "\n", 1) for k in keys], fontsize=6, rotation=30, ha="right")
         ax.set_title("prompt sensitivity: range over templates", fontsize=9)

@@ -127,10 +127,19 @@ def mean_difference_test(values: np.ndarray, in_group: np.ndarray, permutations:
     values = np.asarray(values, dtype=np.float64)
     in_group = np.asarray(in_group, dtype=bool)
     observed = float(values[in_group].mean() - values[~in_group].mean())
-    masks, exact = group_permutations(in_group, permutations, seed)
-    k = int(in_group.sum())
-    in_sum = masks.astype(np.float64) @ values
-    null = in_sum / k - (values.sum() - in_sum) / (len(values) - k)
+    n, k = len(values), int(in_group.sum())
+    exact = math.comb(n, k) <= permutations
+    if exact:
+        masks, _ = group_permutations(in_group, permutations, seed)
+        in_sums = masks.astype(np.float64) @ values
+    else:
+        # Random relabellings in chunks of about 2e7 keys, so memory stays bounded for large sets.
+        rng = np.random.default_rng(seed)
+        rows = max(1, 20_000_000 // max(n, 1))
+        in_sums = np.concatenate([
+            values[np.argpartition(rng.random((min(rows, permutations - start), n)), k - 1, axis=1)[:, :k]].sum(1)
+            for start in range(0, permutations, rows)])
+    null = in_sums / k - (values.sum() - in_sums) / (n - k)
     return observed, permutation_p_value(observed, null, exact), exact
 
 
