@@ -4,6 +4,7 @@ MLM outputs, the mask token, ITM scores, re-ranking (evaluation, index, CLI) and
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -260,14 +261,76 @@ def test_reranked_metrics_with_an_oracle_head():
     text_features = nn.functional.normalize(image_features[text_to_image] + 0.9 * torch.randn(2 * n, 8), dim=-1)
     images = torch.arange(n, dtype=torch.float)[:, None, None].expand(n, 3, 4)
     texts = text_to_image[:, None].repeat(1, 5)
-    metrics = reranked_retrieval_metrics(OracleITM(), images, texts, image_features, text_features, text_to_image, k)
+    metrics = reranked_retrieval_metrics(OracleITM(), images, texts, image_features, text_features, text_to_image, k,
+                                         logit_scale=10.0)
     text_ranks, image_ranks = retrieval_ranks(image_features, text_features, text_to_image)
-    # With a perfect head every positive within the top k moves to rank 1; beyond k nothing changes.
-    assert metrics["itm_reranked_image_retrieval_recall@1"] == pytest.approx((text_ranks < k).float().mean().item())
-    assert metrics["itm_reranked_text_retrieval_recall@1"] == pytest.approx((image_ranks < k).float().mean().item())
-    assert metrics["itm_reranked_image_retrieval_recall@10"] == pytest.approx((text_ranks < 10).float().mean().item())
+    # With a perfect head every positive within the top k moves to rank 1 (by ITM alone, and times the
+    # contrastive softmax: log 0 outweighs any similarity); beyond k nothing changes.
+    for prefix in ("itm_reranked_", "itm_itc_reranked_"):
+        assert metrics[f"{prefix}image_retrieval_recall@1"] == pytest.approx((text_ranks < k).float().mean().item())
+        assert metrics[f"{prefix}text_retrieval_recall@1"] == pytest.approx((image_ranks < k).float().mean().item())
+        assert metrics[f"{prefix}image_retrieval_recall@10"] == pytest.approx((text_ranks < 10).float().mean().item())
     order, scores = itm_rerank(OracleITM(), images, texts, torch.tensor([[4, 0, 7], [1, 2, 3]]), query="text")
     assert order.tolist() == [[0, 4, 7], [1, 2, 3]] and scores.tolist() == [[1, 0, 0], [0, 0, 0]]
+
+
+class HashITM(nn.Module):
+    """A fixed, arbitrary match probability per (image, caption): image i's tokens hold i, caption j's tokens j."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+
+    def itm_scores(self, image_tokens, tokens):
+        return self.table[image_tokens[:, 0, 0].long(), tokens[:, 0]]
+
+
+def naive_reranked_recall(query_features, key_features, is_positive, score, k, cutoff):
+    """Per query: sort all keys by similarity, re-sort the first k by ``score(query, key, similarity)``,
+    and check whether a positive lands in the first ``cutoff``; queries whose positive is beyond k keep
+    the embedding order."""
+    hits = []
+    for q in range(len(query_features)):
+        similarity = key_features @ query_features[q]
+        order = sorted(range(len(key_features)), key=lambda j: -float(similarity[j]))
+        head = order[:k]
+        if any(is_positive(q, j) for j in head):
+            head = sorted(head, key=lambda j: -score(q, j, float(similarity[j])))
+        hits.append(any(is_positive(q, j) for j in (head + order[k:])[:cutoff]))
+    return sum(hits) / len(hits)
+
+
+def test_reranked_metrics_equal_a_naive_reranking():
+    from vlpretrain.evaluation.rerank import reranked_retrieval_metrics
+
+    torch.manual_seed(1)
+    n, k, scale = 24, 6, 12.0
+    image_features = nn.functional.normalize(torch.randn(n, 8), dim=-1)
+    text_to_image = torch.arange(n)
+    text_features = nn.functional.normalize(image_features + 1.2 * torch.randn(n, 8), dim=-1)
+    probability = torch.rand(n, n) * 0.98 + 0.01  # [image, caption]
+    images = torch.arange(n, dtype=torch.float)[:, None, None].expand(n, 3, 4)
+    texts = torch.arange(n)[:, None].repeat(1, 5)
+    metrics = reranked_retrieval_metrics(HashITM(probability), images, texts, image_features, text_features,
+                                         text_to_image, k, logit_scale=scale)
+    itm = {"text": lambda q, j, sim: float(probability[j, q]), "image": lambda q, j, sim: float(probability[q, j])}
+    both = {"text": lambda q, j, sim: math.log(probability[j, q]) + scale * sim,
+            "image": lambda q, j, sim: math.log(probability[q, j]) + scale * sim}
+    for prefix, score in (("itm_reranked_", itm), ("itm_itc_reranked_", both)):
+        for cutoff in (1, 5, 10):
+            want_image = naive_reranked_recall(text_features, image_features, lambda q, j: j == q, score["text"], k, cutoff)
+            want_text = naive_reranked_recall(image_features, text_features, lambda q, j: j == q, score["image"], k, cutoff)
+            assert metrics[f"{prefix}image_retrieval_recall@{cutoff}"] == pytest.approx(want_image)
+            assert metrics[f"{prefix}text_retrieval_recall@{cutoff}"] == pytest.approx(want_text)
+    # A head at its prior (the same probability everywhere) leaves the ITM x ITC order = the embedding order.
+    flat = reranked_retrieval_metrics(HashITM(torch.full((n, n), 0.33)), images, texts, image_features, text_features,
+                                      text_to_image, k, logit_scale=scale)
+    plain = {"image": naive_reranked_recall(text_features, image_features, lambda q, j: j == q,
+                                            lambda q, j, sim: sim, k, 1),
+             "text": naive_reranked_recall(image_features, text_features, lambda q, j: j == q,
+                                           lambda q, j, sim: sim, k, 1)}
+    assert flat["itm_itc_reranked_image_retrieval_recall@1"] == pytest.approx(plain["image"])
+    assert flat["itm_itc_reranked_text_retrieval_recall@1"] == pytest.approx(plain["text"])
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +368,9 @@ def test_evaluate_retrieval_with_itm_reranking(corpus_and_model, capsys):
     r = lambda key: "/".join(f"{100 * five[f'itm_reranked_{key}_recall@{k}']:.1f}" for k in (1, 5, 10))
     assert lines[1] == (f"ITM re-ranked (top 5): text->image R@1/5/10 {r('image_retrieval')}%, "
                         f"image->text R@1/5/10 {r('text_retrieval')}%")
+    r = lambda key: "/".join(f"{100 * five[f'itm_itc_reranked_{key}_recall@{k}']:.1f}" for k in (1, 5, 10))
+    assert lines[2] == (f"ITM x ITC re-ranked (top 5): text->image R@1/5/10 {r('image_retrieval')}%, "
+                        f"image->text R@1/5/10 {r('text_retrieval')}%")
 
 
 def test_index_search_reranks_with_itm(tmp_path, corpus_and_model, capsys):
@@ -337,6 +403,15 @@ def test_index_search_reranks_with_itm(tmp_path, corpus_and_model, capsys):
     with pytest.raises(ValueError, match=r"^search: rerank must be a positive integer \(candidates to re-score\), "
                                          r"got 0$"):
         index.search(texts=query, rerank=0)
+
+    combined = index.search(texts=query, k=5, rerank=5, rerank_score="itm+itc")[0]
+    scale = model.logit_scale.exp().item()
+    for hit in combined:
+        assert hit["rerank_score"] == pytest.approx(math.log(hit["itm_score"]) + scale * hit["score"], abs=1e-4)
+    assert [h["rerank_score"] for h in combined] == sorted((h["rerank_score"] for h in combined), reverse=True)
+    assert sorted(h["id"] for h in combined) == sorted(h["id"] for h in plain)
+    with pytest.raises(ValueError, match=r"^search: rerank_score must be one of \['itm', 'itm\+itc'\], got 'itc'$"):
+        index.search(texts=query, rerank=3, rerank_score="itc")
 
     assert main(["index", "query", str(tmp_path / "idx"), "--text", query, "-k", "3", "--rerank", "5", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)

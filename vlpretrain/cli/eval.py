@@ -54,7 +54,9 @@ def add_parser(commands) -> None:
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--rerank-itm", type=int, default=None, metavar="K",
                    help="also re-rank each query's top K by embedding with the model's image-text matching head "
-                        "and report itm_reranked_* recalls (models trained with fusion heads only)")
+                        "and report two re-ranked recalls: itm_reranked_* (by the match probability alone, as "
+                        "ALBEF evaluates) and itm_itc_reranked_* (match probability times the contrastive "
+                        "softmax) (models trained with fusion heads only)")
     t.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(run=run_retrieval)
@@ -193,6 +195,9 @@ def run_retrieval(args) -> int:
     if args.rerank_itm is not None:
         print(f"ITM re-ranked (top {m['rerank_k']}): text->image R@1/5/10 {recalls('image_retrieval', 'itm_reranked_')}%, "
               f"image->text R@1/5/10 {recalls('text_retrieval', 'itm_reranked_')}%")
+        print(f"ITM x ITC re-ranked (top {m['rerank_k']}): "
+              f"text->image R@1/5/10 {recalls('image_retrieval', 'itm_itc_reranked_')}%, "
+              f"image->text R@1/5/10 {recalls('text_retrieval', 'itm_itc_reranked_')}%")
     if "mlm_accuracy" in m:
         print(f"masked-token accuracy of the MLM head: {100 * m['mlm_accuracy']:.1f}% "
               f"({m['mlm_masked_tokens']} masked tokens)")

@@ -69,6 +69,10 @@ def add_parser(commands) -> None:
                    help="re-score the top K hits with the model's image-text matching head and re-sort them "
                         "(models trained with fusion heads; text queries on an image index read the hit images "
                         "from their paths)")
+    q.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm",
+                   help="how --rerank sorts: itm = by the match probability (ALBEF); itm+itc = by the match "
+                        "probability times the contrastive softmax, so a head near its prior keeps the "
+                        "embedding order (default: itm)")
     q.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     q.set_defaults(run=run_query)
 
@@ -152,13 +156,15 @@ def run_query(args) -> int:
         raise ValueError(f"--rerank must be at least 1, got {args.rerank}")
     index = RetrievalIndex.load(args.index, model_spec=args.model)
     if args.text is not None:
-        hits = index.search(texts=[args.text], k=args.k, rerank=args.rerank)[0]
+        hits = index.search(texts=[args.text], k=args.k, rerank=args.rerank,
+                            rerank_score=args.rerank_score)[0]
     else:
         from pathlib import Path
 
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"--image {args.image}: no such file")
-        hits = index.search(images=[args.image], k=args.k, rerank=args.rerank)[0]
+        hits = index.search(images=[args.image], k=args.k, rerank=args.rerank,
+                            rerank_score=args.rerank_score)[0]
     if args.json:
         print(json.dumps(hits, indent=2, default=str))
         return 0

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -111,13 +111,43 @@ def _top_k(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 
         torch.zeros(0, k, dtype=torch.long)
 
 
+RERANK_SCORES = ("itm", "itm+itc")
+
+
+def combined_scores(itm_probability: torch.Tensor, similarity: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """``log p_itm(match) + logit_scale * cosine``: the product of the ITM head's match probability and
+    the contrastive softmax over the candidates (its normaliser is the same for every candidate of one
+    query, so it drops out of the ranking). A confident ITM head overrides the embedding order; one
+    near its prior leaves it almost unchanged. Pairs with an unreadable image (``BAD_IMAGE_SCORE``) sink.
+
+    Example:
+        >>> combined_scores(torch.tensor([0.9, 0.5]), torch.tensor([0.20, 0.25]), logit_scale=20.0)
+        tensor([3.8946, 4.3069])
+    """
+    bad = itm_probability < 0
+    value = torch.log(itm_probability.clamp_min(1e-12)) + float(logit_scale) * similarity
+    return value.masked_fill(bad, float("-inf"))
+
+
+def model_logit_scale(model) -> float:
+    """The contrastive temperature's inverse (``exp(logit_scale)``) a model scores with."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        raise ValueError("itm+itc re-ranking needs the model's contrastive logit_scale; this model has none")
+    return float(torch.as_tensor(scale).detach().float().exp())
+
+
 @torch.no_grad()
 def reranked_retrieval_metrics(model, images: ImagesLike, texts: TextsLike, image_features: torch.Tensor,
                                text_features: torch.Tensor, text_to_image: torch.Tensor, k: int,
                                ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, progress: bool = False,
-                               chunk_size: int = 1024) -> dict[str, float]:
-    """``itm_reranked_image_retrieval_recall@k`` and ``itm_reranked_text_retrieval_recall@k``: the top
-    ``k`` candidates of every query (by embedding similarity) re-sorted by ITM score.
+                               chunk_size: int = 1024, logit_scale: Optional[float] = None) -> dict[str, float]:
+    """Recalls of the top ``k`` candidates of every query (by embedding similarity) re-sorted two ways:
+
+    - ``itm_reranked_image_retrieval_recall@k`` / ``itm_reranked_text_retrieval_recall@k``: by the ITM
+      match probability alone (ALBEF's evaluation);
+    - ``itm_itc_reranked_*``: by :func:`combined_scores`, the ITM probability times the contrastive
+      softmax (``logit_scale`` defaults to the model's).
 
     Ranks follow :func:`~vlpretrain.evaluation.retrieval.retrieval_ranks` (ties count against the
     positive). A query whose positive is not among its top ``k`` keeps its rank, so only the other
@@ -128,40 +158,48 @@ def reranked_retrieval_metrics(model, images: ImagesLike, texts: TextsLike, imag
     """
     from .retrieval import retrieval_ranks
 
+    scale = model_logit_scale(model) if logit_scale is None else float(logit_scale)
     image_features, text_features = image_features.float(), text_features.float()
     text_to_image = text_to_image.long().cpu()
     text_ranks, image_ranks = retrieval_ranks(image_features, text_features, text_to_image, chunk_size)
     num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    reranked = {name: (text_ranks.clone(), image_ranks.clone()) for name in RERANK_SCORES}
+
+    def rerank(ranks_of: int, queries: torch.Tensor, query_features: torch.Tensor, key_features: torch.Tensor,
+               candidates: torch.Tensor, scores: torch.Tensor, is_positive: torch.Tensor) -> None:
+        similarity = (query_features[:, None, :] * key_features[candidates]).sum(-1).cpu()
+        for name, values in (("itm", scores), ("itm+itc", combined_scores(scores, similarity, scale))):
+            best = values.masked_fill(~is_positive, float("-inf")).max(1).values
+            _set_ranks(reranked[name][ranks_of], queries, ((values >= best[:, None]) & ~is_positive).sum(1),
+                       is_positive)
 
     # Text queries (image retrieval): the positive is the caption's image.
     k_images = min(k, num_images)
-    reranked_text = text_ranks.clone()
     found = torch.nonzero(text_ranks < k_images).flatten()
     if len(found):
         candidates = _top_k(text_features[found], image_features, k_images, chunk_size).cpu()
         pairs = torch.stack([candidates.reshape(-1), found[:, None].expand_as(candidates).reshape(-1)], 1)
         scores = itm_pair_scores(model, images, texts, pairs, batch_size, progress).view_as(candidates)
-        is_positive = candidates == text_to_image[found][:, None]
-        positive = scores.masked_fill(~is_positive, float("-inf")).max(1).values
-        _set_ranks(reranked_text, found, ((scores >= positive[:, None]) & ~is_positive).sum(1), is_positive)
+        rerank(0, found, text_features[found].cpu(), image_features.cpu(), candidates, scores,
+               candidates == text_to_image[found][:, None])
 
     # Image queries (text retrieval): positives are any of the image's captions.
     k_texts = min(k, num_texts)
-    reranked_image = image_ranks.clone()
     found = torch.nonzero(image_ranks < k_texts).flatten()
     if len(found):
         candidates = _top_k(image_features[found], text_features, k_texts, chunk_size).cpu()
         pairs = torch.stack([found[:, None].expand_as(candidates).reshape(-1), candidates.reshape(-1)], 1)
         scores = itm_pair_scores(model, images, texts, pairs, batch_size, progress).view_as(candidates)
-        is_positive = text_to_image[candidates] == found[:, None]
-        best = scores.masked_fill(~is_positive, float("-inf")).max(1).values
-        _set_ranks(reranked_image, found, ((scores >= best[:, None]) & ~is_positive).sum(1), is_positive)
+        rerank(1, found, image_features[found].cpu(), text_features.cpu(), candidates, scores,
+               text_to_image[candidates] == found[:, None])
 
     metrics: dict[str, float] = {}
-    for cutoff in ks:
-        metrics[f"itm_reranked_image_retrieval_recall@{cutoff}"] = (reranked_text < cutoff).float().mean().item()
-    for cutoff in ks:
-        metrics[f"itm_reranked_text_retrieval_recall@{cutoff}"] = (reranked_image < cutoff).float().mean().item()
+    for name, prefix in (("itm", "itm_reranked_"), ("itm+itc", "itm_itc_reranked_")):
+        text_query_ranks, image_query_ranks = reranked[name]
+        for cutoff in ks:
+            metrics[f"{prefix}image_retrieval_recall@{cutoff}"] = (text_query_ranks < cutoff).float().mean().item()
+        for cutoff in ks:
+            metrics[f"{prefix}text_retrieval_recall@{cutoff}"] = (image_query_ranks < cutoff).float().mean().item()
     return metrics
 
 
@@ -199,4 +237,5 @@ def _image_size(transform, default: int = 224) -> int:
     return default
 
 
-__all__ = ["itm_rerank", "itm_pair_scores", "reranked_retrieval_metrics", "corpus_image_loader", "BAD_IMAGE_SCORE"]
+__all__ = ["itm_rerank", "itm_pair_scores", "reranked_retrieval_metrics", "combined_scores", "model_logit_scale",
+           "RERANK_SCORES", "corpus_image_loader", "BAD_IMAGE_SCORE"]

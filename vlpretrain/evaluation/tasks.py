@@ -176,8 +176,9 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     ``text_retrieval_recall@k`` (an image finds any of its captions among all captions), with mean
     and median rank and the chance level of each recall. ``rerank_itm=K`` (models with an ITM fusion
     head) also re-scores each query's top K candidates with the head and reports
-    ``itm_reranked_image_retrieval_recall@k`` / ``itm_reranked_text_retrieval_recall@k`` and ``rerank_k``
-    (see :mod:`vlpretrain.evaluation.rerank`).
+    ``itm_reranked_image_retrieval_recall@k`` / ``itm_reranked_text_retrieval_recall@k`` (by the match
+    probability), ``itm_itc_reranked_*`` (by match probability times the contrastive softmax) and
+    ``rerank_k`` (see :mod:`vlpretrain.evaluation.rerank`).
 
     Example:
         >>> corpus = open_named_corpus("emoji:test", DataConfig())

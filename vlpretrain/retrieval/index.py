@@ -724,7 +724,8 @@ class RetrievalIndex:
         return torch.cat(features).float().cpu().numpy()
 
     def search(self, texts: Union[str, Sequence[str], None] = None, images: Any = None,
-               vectors: Optional[np.ndarray] = None, k: int = 10, rerank: Optional[int] = None) -> list[list[dict]]:
+               vectors: Optional[np.ndarray] = None, k: int = 10, rerank: Optional[int] = None,
+               rerank_score: str = "itm") -> list[list[dict]]:
         """Top-``k`` hits per query, given as ``texts``, ``images`` (paths / PIL images) or ``vectors``.
 
         Each hit is ``{"rank", "score", "id", "image", "caption", "row", "modality", "source", ...extras}``
@@ -733,8 +734,11 @@ class RetrievalIndex:
         ``rerank=K`` (models with an ITM fusion head): the top ``max(k, K)`` hits are found by embedding,
         the first K are re-scored by the image-text matching head (text queries against an image index,
         whose hit images are read from their paths; or image queries against a caption index) and
-        re-sorted, best match first; ``k`` hits are returned, each with ``"itm_score"`` (the match
-        probability; None for hits beyond the first K).
+        re-sorted, best first; ``k`` hits are returned, each with ``"itm_score"`` (the match
+        probability; None for hits beyond the first K). ``rerank_score``: ``"itm"`` sorts by that
+        probability (ALBEF), ``"itm+itc"`` by ``log itm_score + logit_scale * score`` (the probability
+        times the contrastive softmax; see :func:`vlpretrain.evaluation.rerank.combined_scores`), given as
+        ``"rerank_score"``.
 
         Example:
             >>> index.search(texts="a red heart", k=2)
@@ -743,6 +747,10 @@ class RetrievalIndex:
         if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer))
                                    or rerank < 1):
             raise ValueError(f"search: rerank must be a positive integer (candidates to re-score), got {rerank!r}")
+        from ..evaluation.rerank import RERANK_SCORES
+
+        if rerank_score not in RERANK_SCORES:
+            raise ValueError(f"search: rerank_score must be one of {list(RERANK_SCORES)}, got {rerank_score!r}")
         given = [name for name, value in (("texts", texts), ("images", images), ("vectors", vectors))
                  if value is not None]
         if len(given) != 1:
@@ -782,7 +790,7 @@ class RetrievalIndex:
                 hits.append(hit)
             results.append(hits)
         if rerank is not None:
-            results = [self._rerank(query, hits, int(rerank), int(k))
+            results = [self._rerank(query, hits, int(rerank), int(k), rerank_score)
                        for query, hits in zip(texts if texts is not None else images, results)]
         return results
 
@@ -798,9 +806,12 @@ class RetrievalIndex:
         if not getattr(self._get_model(), "has_itm", False):
             raise NotImplementedError(RERANK_MESSAGE)
 
-    def _rerank(self, query: Any, hits: list[dict], rerank: int, k: int) -> list[dict]:
-        """Re-sort the first ``rerank`` hits of one query by ITM score; keep the rest; cut to ``k``."""
+    def _rerank(self, query: Any, hits: list[dict], rerank: int, k: int, rerank_score: str = "itm") -> list[dict]:
+        """Re-sort the first ``rerank`` hits of one query by ITM score (``rerank_score``); keep the rest;
+        cut to ``k``."""
         import torch
+
+        from ..evaluation.rerank import combined_scores, model_logit_scale
 
         from ..data.images import BadImageError, load_rgb
 
@@ -836,12 +847,22 @@ class RetrievalIndex:
                 model.train(was_training)
         except BadImageError as e:
             raise ValueError(f"search: cannot read the query image: {e}") from None
-        for hit, score in zip(head, scores):
+        if rerank_score == "itm":
+            ranking = scores
+        else:
+            ranking = combined_scores(torch.tensor(scores), torch.tensor([hit["score"] for hit in head]),
+                                      model_logit_scale(model)).tolist()
+        for hit, score, value in zip(head, scores, ranking):
             hit["itm_score"] = float(score)
+            if rerank_score != "itm":
+                hit["rerank_score"] = float(value)
         for hit in tail:
             hit["itm_score"] = None
+            if rerank_score != "itm":
+                hit["rerank_score"] = None
         # A stable sort: equal scores keep the embedding order.
-        ranked = sorted(head, key=lambda hit: -hit["itm_score"]) + tail
+        order = sorted(range(len(head)), key=lambda i: -ranking[i])
+        ranked = [head[i] for i in order] + tail
         for rank, hit in enumerate(ranked, 1):
             hit["rank"] = rank
         return ranked[:k]
