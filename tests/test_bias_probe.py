@@ -104,6 +104,61 @@ def test_python_api_is_deterministic_and_flags_follow_the_rule(tmp_path, checkpo
         assert flag["p_adjusted"] < m["alpha"] and (flag.get("control_p_value") is None or flag["control_p_value"] < m["alpha"])
 
 
+def test_vocabulary_control_words_are_single_whole_words():
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    from vlpretrain.evaluation.bias.probe import vocabulary_words
+    from vlpretrain.models.towers import resolve_hf_name
+
+    bpe = open_clip.get_tokenizer("ViT-B-32")
+    wordpiece = HFTokenizer(resolve_hf_name("minilm-l6"), context_length=16)
+    for tokenizer in (bpe, wordpiece):
+        words = vocabulary_words(tokenizer, 200, seed=3, exclude=["a criminal", "a police officer"])
+        assert len(set(words)) == 200 and words == vocabulary_words(tokenizer, 200, seed=3,
+                                                                    exclude=["a criminal", "a police officer"])
+        assert words != vocabulary_words(tokenizer, 200, seed=4)
+        for text in words:
+            article, word = text.split(" ")
+            assert article == ("an" if word[0] in "aeiou" else "a")
+            assert word.isalpha() and word.islower() and len(word) >= 5 and word not in {"criminal", "police", "officer"}
+            # start token, article, the word, end token: each control word is one token, as "criminal" is
+            assert int((tokenizer([text])[0] != 0).sum()) == 4, text
+
+    class NoVocabulary:
+        pass
+
+    with pytest.raises(ValueError, match=r"^control_words: vocabulary needs a tokenizer with a vocabulary; "
+                                         r"NoVocabulary exposes none \(use control_words: pseudo\)$"):
+        vocabulary_words(NoVocabulary(), 5)
+
+
+def test_vocabulary_controls_are_reported(tmp_path, checkpoint, monkeypatch):
+    from vlpretrain.evaluation.bias import probe as probe_module
+
+    _table(tmp_path)
+    model = load_model(checkpoint)
+    pseudo = run_bias_probe(model, _probe(tmp_path), progress=False)["metrics"]
+    calls = []
+    real = probe_module.vocabulary_words
+    monkeypatch.setattr(probe_module, "vocabulary_words",
+                        lambda tokenizer, count, seed, exclude: calls.append((tokenizer, count, exclude))
+                        or real(tokenizer, count, seed, exclude))
+    monkeypatch.setattr(probe_module, "pseudo_words", lambda *a: pytest.fail("pseudo-words drawn"))
+    vocabulary = run_bias_probe(model, _probe(tmp_path, control_words="vocabulary"), progress=False)["metrics"]
+    assert pseudo["control_words"] == "pseudo" and vocabulary["control_words"] == "vocabulary"
+    # The pool: the model's own tokenizer, 50 more words than draws, none of the probe's words.
+    assert len(calls) == 1 and calls[0][0] is model.tokenizer and calls[0][1] == 20 + 50
+    assert {"a criminal", "a person", "a cook"} <= set(calls[0][2])
+    red = lambda m: m["association"]["crime"]["groups"]["red"]  # noqa: E731
+    assert red(pseudo)["effect_size"] == red(vocabulary)["effect_size"]  # only the control changes
+    from vlpretrain.evaluation.bias import write_bias_report
+
+    paths = write_bias_report({"metrics": vocabulary, "model": "tiny", "dataset": "people", "probe": "colours"},
+                              tmp_path / "out")
+    assert "20 vocabulary-word control draws" in Path(paths["markdown"]).read_text()
+
+
 def test_class_folders_are_groups_and_where_filters(tmp_path, checkpoint):
     _table(tmp_path)
     probe = _probe(tmp_path, where={"kind": "square"}, group_performance=None)
@@ -126,6 +181,7 @@ def test_class_folders_are_groups_and_where_filters(tmp_path, checkpoint):
     ({"where": {"kind": "square"}, "groups": ["red", "blue"], "data": "one_red.csv"},
      "group 'red' has one image (groups found: ['blue', 'red']); a group needs at least 2"),
     ({"permutations": 0}, "'permutations' must be an integer of at least 1, got 0"),
+    ({"control_words": "random"}, "'control_words' must be one of ['pseudo', 'vocabulary'], got 'random'"),
     ({"where": {"shape": "round"}}, "'where' names column 'shape', which the data does not have (columns: ['kind'])"),
     ({"association": None, "harmful_labels": None, "group_performance": None, "retrieval_skew": None},
      "no probe to run; add one of association, harmful_labels, group_performance, retrieval_skew"),

@@ -44,10 +44,14 @@ def main() -> int:
     parser.add_argument("--name-tones", action="store_true",
                         help="keep the corpus' '...: dark skin tone' caption endings (the model then encodes tone "
                              "along every text direction; see README)")
+    parser.add_argument("--control-words", choices=("pseudo", "vocabulary"), default="pseudo",
+                        help="control texts of the probe (see vlp eval bias --help)")
     args = parser.parse_args()
     start = time.time()
-    reports = run_planted_check(args.out, args.word, args.group, args.epochs, name_tones=args.name_tones)
+    reports = run_planted_check(args.out, args.word, args.group, args.epochs, name_tones=args.name_tones,
+                                control_words=args.control_words)
     summary = {"word": args.word, "group": args.group, "epochs": args.epochs, "name_tones": args.name_tones,
+               "control_words": args.control_words,
                "seconds": round(time.time() - start, 1),
                **{kind: key_numbers(report, args.word) for kind, report in reports.items()}}
     path = write_json(summary, Path(args.out) / "planted_bias.json")

@@ -76,7 +76,8 @@ def add_parser(commands) -> None:
                                      "association tests (effect size, permutation p), harmful-label rates, per-group "
                                      "zero-shot accuracy, retrieval skew (MaxSkew@k, NDKL@k) and the spread of each over "
                                      "the prompt templates, with 95% bootstrap intervals. A group is flagged when its "
-                                     "Holm-adjusted permutation p-value and its pseudo-word control p-value are both "
+                                     "Holm-adjusted permutation p-value and its control p-value (the same statistic "
+                                     "with random control words in place of the sensitive texts) are both "
                                      "below the probe's alpha. Writes report.json, summary.md and report.png.")
     b.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME")
     b.add_argument("--probe", required=True, help="probe YAML, e.g. eval/probes/emoji-skin-tone.yaml")
@@ -84,7 +85,11 @@ def add_parser(commands) -> None:
     b.add_argument("--permutations", type=int, default=None, help="permutations per test (default: the probe's, or 10000)")
     b.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples per interval (default: the probe's, or 1000)")
     b.add_argument("--controls", type=int, default=None,
-                   help="pseudo-word control draws per test (default: the probe's, or 300; 0 turns the control test off)")
+                   help="control draws per test (default: the probe's, or 300; 0 turns the control test off)")
+    b.add_argument("--control-words", choices=("pseudo", "vocabulary"), default=None,
+                   help="control texts: pronounceable pseudo-words ('a bakil') or real whole words of the model's "
+                        "tokenizer vocabulary ('a harvest', one token each, as most sensitive words are); "
+                        "default: the probe's control_words, or pseudo")
     b.add_argument("--seed", type=int, default=None, help="seed of permutations, resamples and control draws")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(run=run_bias)
@@ -237,7 +242,7 @@ def run_bias(args) -> int:
     out = args.out or str(Path("results") / "bias" / probe["name"] / _model_folder_name(str(args.model)))
     report = run_bias_probe(model, probe, model_name=str(args.model), progress=not args.no_progress,
                             permutations=args.permutations, bootstrap=args.bootstrap, controls=args.controls,
-                            seed=args.seed)
+                            seed=args.seed, control_words=args.control_words)
     m = report["metrics"]
     print(f"bias probe {probe['name']} on {report['dataset']}: {m['images']} images, groups "
           + ", ".join(f"{n} {m['group_sizes'][n]}" for n in m["groups"]))

@@ -91,7 +91,8 @@ def planted_probe(word: str = "criminal", bootstrap: int = 1000) -> dict:
 
 
 def run_planted_check(out_dir: Union[str, Path], word: str = "criminal", group: str = "dark", epochs: int = 12,
-                      bootstrap: int = 1000, threads: int = 0, name_tones: bool = False, progress: bool = False) -> dict:
+                      bootstrap: int = 1000, threads: int = 0, name_tones: bool = False, progress: bool = False,
+                      control_words: str = "pseudo") -> dict:
     """Train a model on the planted corpus and one on the clean corpus, run :func:`planted_probe` on
     both, write each report under ``out_dir/<planted|clean>/``; returns ``{"planted": report, "clean": report}``.
 
@@ -112,7 +113,7 @@ def run_planted_check(out_dir: Union[str, Path], word: str = "criminal", group: 
         corpus = write_people_corpus(out_dir / kind / "pairs.csv", plant_word=plant, plant_group=group, name_tones=name_tones)
         result = train(recipe_from_dict(planted_recipe(corpus, out_dir / kind / "run", epochs, threads)))
         report = run_bias_probe(load_model(result.final_dir), planted_probe(word, bootstrap), model_name=f"{kind} ({word} on {group})"
-                                if plant else "clean", progress=progress)
+                                if plant else "clean", progress=progress, control_words=control_words)
         write_bias_report(report, out_dir / kind)
         reports[kind] = report
     return reports

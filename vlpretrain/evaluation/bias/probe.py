@@ -21,8 +21,10 @@ Two questions decide whether a group is *flagged* (both at ``alpha``, default 0.
 2. Does the sensitive text single the group out more than meaningless text would? A model that
    encodes the group attribute (skin tone is in every caption) separates the groups along almost any
    text direction, so with enough images test 1 flags even words the model never learnt. The control
-   test replaces the sensitive texts with pronounceable pseudo-words ("a bakil") drawn at random,
-   ``controls`` times, and compares the observed statistic with the largest any group reaches under
+   test replaces the sensitive texts with pronounceable pseudo-words ("a bakil") drawn at random
+   (``control_words: pseudo``, the default) or with real whole words of the model's own tokenizer
+   vocabulary ("a harvest"; ``control_words: vocabulary``: one token each, as most sensitive words
+   are, where a pseudo-word takes two or three), ``controls`` times, and compares the observed statistic with the largest any group reaches under
    those draws (family-wise over the groups): ``control_p_value = (1 + #draws >= observed) / (1 + draws)``.
 
 Example:
@@ -50,13 +52,17 @@ from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, holm_adjust
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_probe", "check_probe", "run_bias_probe", "pseudo_words", "load_group_images"]
+__all__ = ["load_probe", "check_probe", "run_bias_probe", "pseudo_words", "vocabulary_words", "load_group_images"]
 
 _KEYS = {"name", "description", "data", "image_column", "split", "group_column", "groups", "where", "templates",
-         "alpha", "permutations", "bootstrap", "controls", "seed", "association", "harmful_labels",
+         "alpha", "permutations", "bootstrap", "controls", "control_words", "seed", "association", "harmful_labels",
          "group_performance", "retrieval_skew"}
 _PROBES = ("association", "harmful_labels", "group_performance", "retrieval_skew")
 DEFAULT_CONTROLS = 300
+CONTROL_WORDS = ("pseudo", "vocabulary")
+# Vocabulary control words: whole words of at least this many ASCII letters (shorter entries are mostly
+# fragments and abbreviations).
+MIN_VOCABULARY_WORD = 5
 
 
 def pseudo_words(count: int, seed: int = 0) -> list[str]:
@@ -75,6 +81,56 @@ def pseudo_words(count: int, seed: int = 0) -> list[str]:
         syllables = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(int(rng.integers(2, 4))))
         words["a " + syllables + rng.choice(consonants)] = None
     return list(words)
+
+
+def _whole_words(tokenizer: Any) -> Optional[list[str]]:
+    """The whole-word entries of a tokenizer's vocabulary: open_clip's BPE words end in ``</w>``;
+    Hugging Face vocabularies mark word starts with "Ġ" (byte BPE) or "▁" (SentencePiece), or, for
+    WordPiece, mark continuations with "##". ``None`` when the tokenizer exposes no vocabulary."""
+    encoder = getattr(tokenizer, "encoder", None)
+    if isinstance(encoder, dict):  # open_clip's SimpleTokenizer
+        return [w[:-4] for w in encoder if w.endswith("</w>")]
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # open_clip's HFTokenizer wraps a transformers one
+    get_vocab = getattr(inner, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = list(get_vocab())
+    for marker in ("\u0120", "\u2581"):
+        if sum(w.startswith(marker) for w in vocab) > len(vocab) // 10:
+            return [w[1:] for w in vocab if w.startswith(marker)]
+    return [w for w in vocab if not w.startswith("##")]
+
+
+def vocabulary_words(tokenizer: Any, count: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
+    """``count`` distinct real words with an article ("a harvest", "an orbit"), drawn (seeded) from the whole-word
+    entries of ``tokenizer``'s vocabulary: lowercase ASCII letters only, at least
+    ``MIN_VOCABULARY_WORD`` long, none of the words in the ``exclude`` texts. Control texts of the bias
+    probes (``control_words: vocabulary``).
+
+    Example:
+        >>> vocabulary_words(open_clip.get_tokenizer("ViT-B-32"), 2, exclude=["a criminal"])
+        ['a ...', 'a ...']
+    """
+    words = _whole_words(tokenizer)
+    if words is None:
+        raise ValueError(f"control_words: vocabulary needs a tokenizer with a vocabulary; "
+                         f"{type(tokenizer).__name__} exposes none (use control_words: pseudo)")
+    excluded = {w.lower() for text in exclude for w in text.split()}
+    pool = sorted({w for w in words if len(w) >= MIN_VOCABULARY_WORD and w.isascii() and w.isalpha()
+                   and w.islower() and w not in excluded})
+    if len(pool) < count:
+        raise ValueError(f"control_words: vocabulary: the tokenizer has {len(pool)} usable whole words, "
+                         f"{count} are needed (lower 'controls' or use control_words: pseudo)")
+    chosen = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+    return [("an " if pool[i][0] in "aeiou" else "a ") + pool[i] for i in sorted(chosen)]
+
+
+def _probe_texts(probe: dict) -> list[str]:
+    texts = [t for test in probe.get("association") or [] for t in test["sensitive"] + test["neutral"]]
+    labels = probe.get("harmful_labels") or {}
+    texts += list(labels.get("neutral", [])) + list(labels.get("sensitive", []))
+    texts += [q for queries in ((probe.get("retrieval_skew") or {}).get("queries") or {}).values() for q in queries]
+    return texts
 
 
 def _text_list(value: Any, where: str) -> list[str]:
@@ -163,6 +219,8 @@ def check_probe(probe: dict, path: Union[str, Path] = "probe") -> dict:
     for key, low in (("permutations", 1), ("bootstrap", 0), ("controls", 0)):
         if key in probe and (not isinstance(probe[key], int) or probe[key] < low):
             raise ValueError(f"{path}: '{key}' must be an integer of at least {low}, got {probe[key]!r}")
+    if probe.get("control_words", "pseudo") not in CONTROL_WORDS:
+        raise ValueError(f"{path}: 'control_words' must be one of {list(CONTROL_WORDS)}, got {probe['control_words']!r}")
     if "alpha" in probe and not (isinstance(probe["alpha"], (int, float)) and 0 < probe["alpha"] < 1):
         raise ValueError(f"{path}: 'alpha' must be between 0 and 1, got {probe['alpha']!r}")
     if probe.get("retrieval_skew") and any(k < 1 for k in probe["retrieval_skew"]["k"]):
@@ -274,7 +332,8 @@ def _control_p(observed: float, null_max: np.ndarray) -> float:
 
 def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", progress: bool = True,
                    permutations: Optional[int] = None, bootstrap: Optional[int] = None,
-                   controls: Optional[int] = None, seed: Optional[int] = None) -> dict:
+                   controls: Optional[int] = None, seed: Optional[int] = None,
+                   control_words: Optional[str] = None) -> dict:
     """Run every probe of a probe file on ``model``; returns a CLIP_benchmark-shaped report
     (``task: "bias"``) whose ``metrics`` hold one section per probe, ``prompt_sensitivity`` and
     ``flags`` (the groups flagged, with the evidence).
@@ -290,6 +349,9 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
     bootstrap = int(bootstrap if bootstrap is not None else probe.get("bootstrap", DEFAULT_BOOTSTRAP))
     controls = int(controls if controls is not None else probe.get("controls", DEFAULT_CONTROLS))
     seed = int(seed if seed is not None else probe.get("seed", 0))
+    control_words = control_words if control_words is not None else probe.get("control_words", "pseudo")
+    if control_words not in CONTROL_WORDS:
+        raise ValueError(f"control_words must be one of {list(CONTROL_WORDS)}, got {control_words!r}")
     alpha = float(probe.get("alpha", 0.01))
     templates = load_templates(probe.get("templates", "simple"))
     if isinstance(templates, dict):
@@ -305,17 +367,22 @@ def run_bias_probe(model, probe: Union[str, Path, dict], model_name: str = "", p
     try:
         images = encode_images(model, data.images, progress=progress).double()  # (N, D), unit norm
         texts = _Texts(model, templates, progress)
-        # Control draws take as many pseudo-words as the texts they replace, without replacement, from a
+        # Control draws take as many control words as the texts they replace, without replacement, from a
         # pool large enough (10x the largest draw) that draws overlap little.
         largest = max([len(t["sensitive"]) for t in probe.get("association") or []]
                       + [len((probe.get("harmful_labels") or {}).get("sensitive", []))]
                       + [len(q) for q in ((probe.get("retrieval_skew") or {}).get("queries") or {}).values()] + [1])
-        control_texts = texts.mean(pseudo_words(max(controls + 50, 10 * largest), seed)).double() if controls else None
+        pool_size = max(controls + 50, 10 * largest)
+        control_texts = None
+        if controls:
+            words = (pseudo_words(pool_size, seed) if control_words == "pseudo" else
+                     vocabulary_words(model.tokenizer, pool_size, seed, exclude=_probe_texts(probe)))
+            control_texts = texts.mean(words).double()
         rng = np.random.default_rng(seed)
         metrics: dict[str, Any] = {"groups": names, "images": len(data), "group_sizes":
                                    {n: int(np.sum(groups == n)) for n in names}, "left_out": dropped,
                                    "templates": templates, "alpha": alpha, "permutations": permutations,
-                                   "bootstrap": bootstrap, "controls": controls}
+                                   "bootstrap": bootstrap, "controls": controls, "control_words": control_words}
         sensitivity: dict[str, Any] = {}
         flags: list[dict] = []
         common = dict(permutations=permutations, bootstrap=bootstrap, seed=seed)

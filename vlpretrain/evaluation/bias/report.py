@@ -17,6 +17,10 @@ from ..tasks import write_json
 __all__ = ["write_bias_report", "summary_markdown", "plot_bias_report"]
 
 
+
+def _control_kind(metrics: dict) -> str:
+    return "vocabulary-word" if metrics.get("control_words") == "vocabulary" else "pseudo-word"
+
 def _pct(value: float) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
@@ -44,7 +48,7 @@ def summary_markdown(report: dict) -> str:
     lines = [f"# Bias probe `{report.get('probe', '')}`: {report['model'] or 'model'} on {report['dataset']}", "",
              f"{m['images']} images in {len(names)} groups ({sizes}); "
              f"{len(m['templates'])} templates; {m['permutations']} permutations, {m['bootstrap']} bootstrap resamples, "
-             f"{m['controls']} pseudo-word control draws; flagged when the Holm-adjusted permutation p and the "
+             f"{m['controls']} {_control_kind(m)} control draws; flagged when the Holm-adjusted permutation p and the "
              f"control p are both below {m['alpha']}.", ""]
     flags = m["flags"]
     lines.append("**Flagged:** " + ("; ".join(f"{f['group']} ({f['probe']}, {f['test']})" for f in flags) if flags else "none")
@@ -143,7 +147,7 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
     def colour(key: tuple, name: str, entry: dict) -> str:
         if (key[0], key[1], name) in flagged:
             return "tab:red"
-        # Differs from the rest (permutation test) but no more than pseudo-word texts do.
+        # Differs from the rest (permutation test) but no more than the control texts do.
         return "tab:orange" if entry.get("p_adjusted", 1.0) < m["alpha"] and "control_p_value" in entry else "tab:blue"
 
     for ax, (title, values, intervals, key, desired, per_group) in zip(axes.flat, panels):
@@ -176,7 +180,7 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
     fig.suptitle(f"{report.get('probe', '')}: {report['model']}. Red: flagged; orange: differs from the other groups "
-                 f"(p < {m['alpha']}) but no more than for pseudo-word texts; bars: 95% bootstrap intervals", fontsize=9)
+                 f"(p < {m['alpha']}) but no more than for {_control_kind(m)} texts; bars: 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
