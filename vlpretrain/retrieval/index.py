@@ -737,7 +737,7 @@ class RetrievalIndex:
         re-sorted, best first; ``k`` hits are returned, each with ``"itm_score"`` (the match
         probability; None for hits beyond the first K). ``rerank_score``: ``"itm"`` sorts by that
         probability (ALBEF), ``"itm+itc"`` by ``log itm_score + logit_scale * score`` (the probability
-        times the contrastive softmax; see :func:`vlpretrain.evaluation.rerank.combined_scores`), given as
+        times the contrastive softmax, with the index's own, possibly quantized, inner product; see :func:`vlpretrain.evaluation.rerank.combined_scores`), given as
         ``"rerank_score"``.
 
         Example:
@@ -811,9 +811,8 @@ class RetrievalIndex:
         cut to ``k``."""
         import torch
 
-        from ..evaluation.rerank import combined_scores, model_logit_scale
-
         from ..data.images import BadImageError, load_rgb
+        from ..evaluation.rerank import combined_scores, model_logit_scale
 
         model = self._get_model()
         device = next(model.parameters()).device

@@ -24,8 +24,9 @@ Two questions decide whether a group is *flagged* (both at ``alpha``, default 0.
    test replaces the sensitive texts with pronounceable pseudo-words ("a bakil") drawn at random
    (``control_words: pseudo``, the default) or with real whole words of the model's own tokenizer
    vocabulary ("a harvest"; ``control_words: vocabulary``: one token each, as most sensitive words
-   are, where a pseudo-word takes two or three), ``controls`` times, and compares the observed statistic with the largest any group reaches under
-   those draws (family-wise over the groups): ``control_p_value = (1 + #draws >= observed) / (1 + draws)``.
+   are, where a pseudo-word takes two or three), ``controls`` times, and compares the observed
+   statistic with the largest any group reaches under those draws (family-wise over the groups):
+   ``control_p_value = (1 + #draws >= observed) / (1 + draws)``.
 
 Example:
     >>> report = run_bias_probe(model, "eval/probes/emoji-skin-tone.yaml", model_name="demo-emoji")
@@ -102,8 +103,8 @@ def _whole_words(tokenizer: Any) -> Optional[list[str]]:
 
 
 def vocabulary_words(tokenizer: Any, count: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
-    """``count`` distinct real words with an article ("a harvest", "an orbit"), drawn (seeded) from the whole-word
-    entries of ``tokenizer``'s vocabulary: lowercase ASCII letters only, at least
+    """``count`` distinct real words with an article ("a harvest", "an orbit"), drawn (seeded) from the
+    whole-word entries of ``tokenizer``'s vocabulary: lowercase ASCII letters only, at least
     ``MIN_VOCABULARY_WORD`` long, none of the words in the ``exclude`` texts. Control texts of the bias
     probes (``control_words: vocabulary``).
 

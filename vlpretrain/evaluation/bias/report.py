@@ -17,9 +17,9 @@ from ..tasks import write_json
 __all__ = ["write_bias_report", "summary_markdown", "plot_bias_report"]
 
 
-
 def _control_kind(metrics: dict) -> str:
     return "vocabulary-word" if metrics.get("control_words") == "vocabulary" else "pseudo-word"
+
 
 def _pct(value: float) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"

@@ -41,11 +41,15 @@ def group_permutations(in_group: np.ndarray, permutations: int = DEFAULT_PERMUTA
         for row, chosen in enumerate(itertools.combinations(range(n), k)):
             masks[row, list(chosen)] = True
         return masks, True
-    rng = np.random.default_rng(seed)
-    order = np.argsort(rng.random((permutations, n)), axis=1)[:, :k]
     masks = np.zeros((permutations, n), dtype=bool)
-    np.put_along_axis(masks, order, True, axis=1)
+    np.put_along_axis(masks, _random_members(n, k, permutations, np.random.default_rng(seed)), True, axis=1)
     return masks, False
+
+
+def _random_members(n: int, k: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, k)`` item indices: ``count`` random choices of ``k`` of ``n`` items (the ``k`` smallest
+    of uniform keys per row)."""
+    return np.argpartition(rng.random((count, n)), k - 1, axis=1)[:, :k]
 
 
 def permutation_p_value(observed: float, null: np.ndarray, exact: bool) -> float:
@@ -137,7 +141,7 @@ def mean_difference_test(values: np.ndarray, in_group: np.ndarray, permutations:
         rng = np.random.default_rng(seed)
         rows = max(1, 20_000_000 // max(n, 1))
         in_sums = np.concatenate([
-            values[np.argpartition(rng.random((min(rows, permutations - start), n)), k - 1, axis=1)[:, :k]].sum(1)
+            values[_random_members(n, k, min(rows, permutations - start), rng)].sum(1)
             for start in range(0, permutations, rows)])
     null = in_sums / k - (values.sum() - in_sums) / (n - k)
     return observed, permutation_p_value(observed, null, exact), exact
