@@ -1,0 +1,224 @@
+"""The one place that writes files: atomic file writes, JSON, atomic folder replacement, manifests.
+
+Every writer of the toolkit goes through here, so each guarantee is kept in one place:
+
+- a file is written to a temporary name beside its target, flushed and fsynced, then renamed over it,
+  so a crash leaves the old file or the new one, never half of one, and no temp file behind;
+- a folder is built under a temporary name beside its target and swapped in whole (an atomic
+  exchange where the kernel has one), so readers see the old folder or the new one;
+- new files and folders get the permissions the user's umask gives (``mkstemp`` / ``mkdtemp``
+  alone would make them private);
+- JSON keeps NaN as NaN (CLIP_benchmark writes ``acc5`` as NaN below 5 classes).
+
+Example:
+    >>> from vlpretrain.io import write_json, read_json, write_folder_atomically
+    >>> write_json({"acc1": 0.5}, "results/zeroshot.json")
+    PosixPath('results/zeroshot.json')
+    >>> write_folder_atomically(Path("out/x"), lambda tmp: (tmp / "a.txt").write_text("hi"))
+    PosixPath('out/x')
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "atomic_write", "write_text", "write_json", "read_json", "read_manifest", "temp_folder_beside",
+    "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: PathLike) -> None:
+    """Make a rename inside ``folder`` durable (the entry itself lives in the folder's data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not openable (some platforms): nothing more can be done
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # file systems that cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``write`` receives the temporary path (so numpy, pandas, faiss and matplotlib writers all fit).
+    A failure removes the temporary file and leaves ``path`` as it was.
+
+    Example:
+        >>> atomic_write(Path("emb/000000.npy"), lambda tmp: np.save(open(tmp, "wb"), array))
+        PosixPath('emb/000000.npy')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(Path(tmp))
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_folder(path.parent)
+    return path
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically.
+
+    Example:
+        >>> write_text("report/summary.md", "# Summary\\n")
+        PosixPath('report/summary.md')
+    """
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(data: Any, path: PathLike) -> Path:
+    """Write ``data`` as indented JSON atomically (NaN stays NaN, as CLIP_benchmark writes it).
+
+    Example:
+        >>> write_json({"metrics": {"acc1": 0.5}}, "results/zs.json")
+        PosixPath('results/zs.json')
+    """
+    return write_text(path, json.dumps(data, indent=2))
+
+
+def read_json(path: PathLike, advice: str = "") -> Any:
+    """Parse the JSON file ``path``; a file that is not JSON gives one line naming it (and ``advice``).
+
+    Example:
+        >>> read_json("runs/demo/final/vlp_config.json")["embed_dim"]
+        256
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})" + (f": {advice}" if advice else "")) from None
+
+
+def read_manifest(path: PathLike, fmt: str, advice: str) -> dict[str, Any]:
+    """A JSON object whose ``"format"`` is ``fmt`` (a versioned name such as ``vlpretrain-index-v1``).
+
+    A missing file, a file that is not JSON, or another format or version is one line naming the file
+    and what to do (``advice``).
+
+    Example:
+        >>> read_manifest("emb/pairs/manifest.json", "vlpretrain-embeddings-v1", "export again with `vlp embed`")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found: {advice}")
+    data = read_json(path, advice)
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path}: format {found!r} is not {fmt!r}: {advice}")
+    return data
+
+
+def temp_folder_beside(out: PathLike, prefix: Optional[str] = None) -> Path:
+    """A new empty folder next to ``out`` (same file system, so it can be renamed into place), with
+    the permissions a plain ``mkdir`` would give. Its default name is ``.OUT.tmp-XXXX``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False  # kernel or file system without exchange
+    raise OSError(code, f"cannot swap {a} into {b}: {os.strerror(code)}")
+
+
+def old_sibling(out: PathLike) -> Path:
+    """Where :func:`replace_folder` parks the old folder on systems without an atomic exchange."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.old")
+
+
+def replace_folder(src: PathLike, dst: PathLike) -> None:
+    """Put the finished folder ``src`` in place of ``dst`` and remove the old ``dst``.
+
+    With an atomic exchange there is no moment without a complete ``dst``. Elsewhere the old folder
+    is moved aside to ``.DST.old`` first and moved back if the second rename fails.
+
+    Example:
+        >>> replace_folder(Path(".final.tmp-x1"), Path("runs/demo/final"))
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_folder(src)
+    if not dst.exists():
+        os.replace(src, dst)
+    elif _rename_exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
+    else:
+        old = old_sibling(dst)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_folder(dst.parent)
+
+
+def write_folder_atomically(out: PathLike, write: Callable[[Path], Any], prefix: Optional[str] = None) -> Path:
+    """Run ``write(tmp)`` on a temporary folder beside ``out``, then swap it in with :func:`replace_folder`.
+
+    A failure anywhere in ``write`` removes the temporary folder and leaves ``out`` as it was.
+
+    Example:
+        >>> write_folder_atomically(Path("exports/x"), lambda tmp: (tmp / "a.txt").write_text("hi"))
+        PosixPath('exports/x')
+    """
+    out = Path(out)
+    tmp = temp_folder_beside(out, prefix)
+    try:
+        write(tmp)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
