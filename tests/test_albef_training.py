@@ -3,8 +3,6 @@ resumes to the same weights, and evaluation reports the MLM head's masked-token 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +10,7 @@ from safetensors.torch import load_file
 from vlpretrain.config import DataConfig, recipe_from_dict
 from vlpretrain.training import train
 
-from helpers import tiny_recipe, write_image_csv
+from helpers import interrupt_at_step, read_metrics, tiny_recipe, write_image_csv
 
 
 def _albef_recipe(out, table, **train_overrides) -> dict:
@@ -25,19 +23,10 @@ def _albef_recipe(out, table, **train_overrides) -> dict:
 def test_momentum_distillation_with_a_queue_trains_and_resumes_exactly(tmp_path):
     table = write_image_csv(tmp_path, 16)  # 4 steps per epoch, 8 in all; the queue (8) fills after 2
     full = train(recipe_from_dict(_albef_recipe(tmp_path / "full", table, checkpoint_every=3)))
-    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "itc_loss" in r]
+    steps = [r for r in read_metrics(tmp_path / "full") if "itc_loss" in r]
     assert len(steps) == 8 and all(k in steps[0] for k in ("itm_loss", "mlm_loss", "itm_accuracy", "mlm_accuracy"))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step: int) -> None:
-        if step == 5:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(recipe_from_dict(_albef_recipe(tmp_path / "cut", table, checkpoint_every=3)), on_step=stop_at_5)
+    interrupt_at_step(recipe_from_dict(_albef_recipe(tmp_path / "cut", table, checkpoint_every=3)), 5)
     resumed = train(recipe_from_dict(_albef_recipe(tmp_path / "cut", table, checkpoint_every=3, resume="latest")))
     a = load_file(str(full.final_dir / "model.safetensors"))
     b = load_file(str(resumed.final_dir / "model.safetensors"))
@@ -49,7 +38,7 @@ def test_retrieval_report_has_masked_token_accuracy(tmp_path):
     """evaluate_retrieval adds mlm_accuracy for a model with an MLM head; it equals the same seeded masking
     scored through the full (B, T, vocab) logits."""
     from vlpretrain.data.images import load_rgb
-    from vlpretrain.evaluation.features import encode_corpus
+    from vlpretrain.inference import encode_corpus
     from vlpretrain.evaluation.tasks import evaluate_retrieval
     from vlpretrain.losses.albef import mask_tokens
     from vlpretrain.models import build_model

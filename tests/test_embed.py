@@ -23,20 +23,12 @@ from vlpretrain.data import open_corpus
 from vlpretrain.data.images import load_rgb
 from vlpretrain.models import build_model, load_model
 from vlpretrain.retrieval import embeddings as emb_module
-from vlpretrain.retrieval.embeddings import EmbeddingSet, export_embeddings
+from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 from vlpretrain.retrieval.signature import model_signature
 
 from helpers import tiny_model_config
 
 LABELS = ["cat", "dog", "fish"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    torch.manual_seed(0)
-    build_model(tiny_model_config()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

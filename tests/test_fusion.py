@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers import tiny_model_config, tiny_recipe, write_image_csv
+from helpers import read_metrics, spawn_gloo, tiny_model_config, tiny_recipe, write_image_csv
 from vlpretrain import load_model
 from vlpretrain.config import DataConfig, ModelConfig
 from vlpretrain.distributed import get_rank
@@ -251,7 +251,8 @@ class OracleITM(nn.Module):
 
 
 def test_reranked_metrics_with_an_oracle_head():
-    from vlpretrain.evaluation.rerank import itm_rerank, reranked_retrieval_metrics
+    from vlpretrain.evaluation.rerank import reranked_retrieval_metrics
+    from vlpretrain.inference import itm_rerank
     from vlpretrain.evaluation.retrieval import retrieval_ranks
 
     torch.manual_seed(0)
@@ -446,8 +447,7 @@ def test_three_training_steps_with_albef_loss(tmp_path):
     values["model"]["fusion"] = {"layers": 1}
     values["loss"] = {"name": "albef"}
     result = train(recipe_from_dict(values))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "itm_loss" in r]
+    steps = [r for r in read_metrics(tmp_path / "run") if "itm_loss" in r]
     assert len(steps) == 3 and all("mlm_loss" in r and "itc_loss" in r for r in steps)
     model = load_model(result.final_dir)
     assert model.has_itm and model.mask_token_id == 49408
@@ -477,35 +477,24 @@ def _itm_loss_and_grads(images, tokens, image_ids):
     return out["itm_logits"].detach(), loss.detach(), grads
 
 
-def _global_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _global_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        images, tokens = _global_batch()
-        local = len(images) // world
-        rows = slice(rank * local, (rank + 1) * local)
-        logits, loss, grads = _itm_loss_and_grads(images[rows], tokens[rows], torch.arange(len(images))[rows])
-        parts = [torch.empty_like(logits) for _ in range(world)]
-        dist.all_gather(parts, logits)
-        dist.all_reduce(loss)
-        for g in grads.values():  # DDP averages gradients over ranks
-            dist.all_reduce(g)
-            g /= world
-        if rank == 0:
-            torch.save({"logits": parts, "loss": loss / world, "grads": grads}, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    images, tokens = _global_batch()
+    local = len(images) // world
+    rows = slice(rank * local, (rank + 1) * local)
+    logits, loss, grads = _itm_loss_and_grads(images[rows], tokens[rows], torch.arange(len(images))[rows])
+    parts = [torch.empty_like(logits) for _ in range(world)]
+    dist.all_gather(parts, logits)
+    dist.all_reduce(loss)
+    for g in grads.values():  # DDP averages gradients over ranks
+        dist.all_reduce(g)
+        g /= world
+    return {"logits": parts, "loss": loss / world, "grads": grads}
 
 
-def test_global_negatives_two_processes_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    out_file, init_file = str(tmp_path / "two.pt"), str(tmp_path / "init")
-    mp.spawn(_global_worker, args=(2, init_file, out_file), nprocs=2, join=True)
-    two = torch.load(out_file)
+def test_global_negatives_two_processes_equal_one_process():
+    two = spawn_gloo(_global_worker, 2)
     images, tokens = _global_batch()
     logits, loss, grads = _itm_loss_and_grads(images, tokens, torch.arange(8))
     # One process orders rows [positives, image + negative text, negative image + text] over all 8 pairs;

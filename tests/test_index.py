@@ -17,8 +17,9 @@ faiss = pytest.importorskip("faiss")
 from helpers import tiny_model_config, write_image_csv  # noqa: E402
 from vlpretrain.cli.main import main  # noqa: E402
 from vlpretrain.models import build_model  # noqa: E402
-from vlpretrain.retrieval import index as index_module  # noqa: E402
-from vlpretrain.retrieval.index import RERANK_MESSAGE, RetrievalIndex, read_info  # noqa: E402
+from vlpretrain import io as io_module  # noqa: E402
+from vlpretrain.retrieval.index import RetrievalIndex, read_info  # noqa: E402
+from vlpretrain.retrieval.index_search import RERANK_MESSAGE  # noqa: E402
 from vlpretrain.retrieval.signature import model_signature  # noqa: E402
 
 DIM = 16
@@ -332,7 +333,7 @@ def test_crash_while_writing_keeps_previous_index(tmp_path, models, emb, monkeyp
         raise OSError("killed during the swap")
 
     with monkeypatch.context() as m:
-        m.setattr(index_module, "_rename_exchange", failed_exchange)
+        m.setattr(io_module, "_rename_exchange", failed_exchange)
         with pytest.raises(OSError, match="killed during the swap"):
             RetrievalIndex.load(out).add(more)
     assert _snapshot(out) == before and RetrievalIndex.load(out).ntotal == 598
@@ -346,13 +347,13 @@ def test_crash_while_writing_keeps_previous_index(tmp_path, models, emb, monkeyp
         real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(index_module, "_rename_exchange", lambda a, b: False)
+        m.setattr(io_module, "_rename_exchange", lambda a, b: False)
         m.setattr(os, "replace", crash_on_move_in)
         with pytest.raises(OSError, match="killed during the swap"):
             RetrievalIndex.load(out).add(more)
     assert _snapshot(out) == before and RetrievalIndex.load(out).ntotal == 598
     with monkeypatch.context() as m:  # and when it works, the new index is in place
-        m.setattr(index_module, "_rename_exchange", lambda a, b: False)
+        m.setattr(io_module, "_rename_exchange", lambda a, b: False)
         assert RetrievalIndex.load(out).add(more).ntotal == 698
     assert RetrievalIndex.load(out).ntotal == 698
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "more"]  # no temp folders left behind
@@ -369,7 +370,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_cli_end_to_end(tmp_path, models, capsys):
     from vlpretrain.data import open_corpus
-    from vlpretrain.retrieval.embeddings import EmbeddingSet, export_embeddings
+    from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 
     model_dir, model = models["a"]
     csv = write_image_csv(tmp_path / "data", 12)

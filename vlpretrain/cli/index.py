@@ -186,7 +186,7 @@ def _size(n: float) -> str:
 def run_info(args) -> int:
     from pathlib import Path
 
-    from ..retrieval.index import INDEX_NAME, read_info
+    from ..retrieval.index_files import INDEX_NAME, read_info
 
     path = Path(args.index)
     info = read_info(path)

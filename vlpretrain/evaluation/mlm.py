@@ -23,16 +23,14 @@ def masked_token_accuracy(model, corpus, captions: Sequence[str], text_to_image:
 
     from ..losses.albef import mask_tokens
     from ..models.tower_tokens import text_features_and_tokens
-    from .rerank import corpus_image_loader
+    from ..inference import corpus_image_loader, eval_mode
 
     settings = model.fusion.settings
     load_images = corpus_image_loader(corpus, model.preprocess)
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
     correct, total = 0, 0
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(captions), batch_size), desc="mlm", disable=not progress):
             rows = [int(r) for r in text_to_image[start:start + batch_size]]
             images, ok = load_images(rows)
@@ -48,6 +46,4 @@ def masked_token_accuracy(model, corpus, captions: Sequence[str], text_to_image:
             logits = model.fusion.mlm_logits(hidden, padding, image_tokens, positions=chosen.to(device))
             correct += int((logits.argmax(-1).cpu() == labels[chosen]).sum())
             total += int(chosen.sum())
-    finally:
-        model.train(was_training)
     return {"mlm_accuracy": correct / total if total else float("nan"), "mlm_masked_tokens": total}

@@ -13,24 +13,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections import Counter
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..inference import ImagesLike, encode_images, encode_texts
 from .templates import TemplateSpec, load_templates, render_template
 
-__all__ = ["ZeroShotClassifier", "ZEROSHOT_LOGIT_SCALE", "encode_images"]
+__all__ = ["ZeroShotClassifier", "ZEROSHOT_LOGIT_SCALE"]
 
 # CLIP's zero-shot eval multiplies cosine similarities by 100 (its clamped maximum logit scale), not
 # by the model's learned scale, so numbers are comparable across checkpoints; open_clip does the same.
 ZEROSHOT_LOGIT_SCALE = 100.0
-
-ImagesLike = Union[torch.Tensor, Any, Sequence[Any], Iterable[Any]]
 
 
 class ZeroShotClassifier:
@@ -87,28 +83,9 @@ class ZeroShotClassifier:
             return list(self.templates[classname])
         return [render_template(t, classname) for t in self.templates]
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        # Eval mode (no dropout, frozen BN stats) for the forward passes, and the caller's mode back
-        # afterwards, so a training loop can run zero-shot validation mid-epoch.
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.model.train(was_training)
-
     def _encode_prompts(self, prompts: list[str], desc: str) -> torch.Tensor:
-        """(len(prompts), D) unit-norm float32 text features, ``batch_size`` prompts per forward."""
-        chunks = []
-        starts = range(0, len(prompts), self.batch_size)
-        with self._eval_mode():
-            for start in tqdm(starts, desc=desc, disable=not self.progress or len(starts) <= 1, leave=False):
-                tokens = self.model.tokenizer(prompts[start:start + self.batch_size]).to(self.device)
-                # Normalize in float32: a half-precision model's features are upcast before averaging.
-                chunks.append(F.normalize(self.model.encode_text(tokens, normalize=False).float(), dim=-1))
-        return torch.cat(chunks)
+        """(len(prompts), D) unit-norm float32 text features on ``device``, ``batch_size`` prompts per forward."""
+        return encode_texts(self.model, prompts, self.batch_size, self.device, self.progress, desc).to(self.device)
 
     def _build_weights(self) -> torch.Tensor:
         # All prompts of all classes are flattened and encoded batch_size at a time (a batch may span
@@ -154,14 +131,13 @@ class ZeroShotClassifier:
     # -- image side --------------------------------------------------------------------------
 
     def encode_images(self, images: ImagesLike) -> torch.Tensor:
-        """(N, D) unit-norm float32 image features on CPU; see :func:`encode_images`.
+        """(N, D) unit-norm float32 image features on CPU; see :func:`vlpretrain.inference.encode_images`.
 
         Example:
             >>> clf.encode_images(["a.png", "b.jpg"]).shape
             torch.Size([2, 16])
         """
-        with self._eval_mode():
-            features = encode_images(self.model, images, self.batch_size, self.progress, self.device)
+        features = encode_images(self.model, images, self.batch_size, self.device, progress=self.progress)
         return features if len(features) else torch.zeros(0, self.weights.shape[0])
 
     # -- scores ------------------------------------------------------------------------------
@@ -207,82 +183,6 @@ class ZeroShotClassifier:
         if top_k == 1:
             return [row[0] for row in labels], scores[:, 0]
         return labels, scores
-
-
-@torch.no_grad()
-def encode_images(model, images: ImagesLike, batch_size: int = 256, progress: bool = True,
-                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-    """(N, D) unit-norm float32 image features on CPU, in input order.
-
-    ``images`` is a float tensor already preprocessed ((N, 3, H, W), or one (3, H, W) image), a
-    PIL image or path, or any sequence / iterable (a list, an ``ImageCaptionCorpus``) whose items
-    are PIL images, paths, encoded bytes or rows with an ``.image`` attribute. Files are decoded
-    with :func:`vlpretrain.data.load_rgb` and ``model.preprocess``.
-
-    Raises:
-        vlpretrain.data.BadImageError: an image cannot be read (the message names it).
-
-    Example:
-        >>> encode_images(model, ["a.png", "b.jpg"]).shape
-        torch.Size([2, 16])
-    """
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
-    chunks = []
-    for batch in _image_batches(model, images, batch_size, progress):
-        batch = batch.to(device=device, dtype=param.dtype)
-        chunks.append(F.normalize(model.encode_image(batch, normalize=False).float(), dim=-1).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
-
-
-def _image_batches(model, images: ImagesLike, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        if not images.is_floating_point():
-            raise TypeError(f"image tensor must be float and already preprocessed (model.preprocess), got {images.dtype}")
-        if images.dim() == 3:
-            images = images[None]
-        if images.dim() != 4:
-            raise ValueError(f"image tensor must be (N, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
-        starts = range(0, images.shape[0], batch_size)
-        for start in tqdm(starts, desc="encode images", disable=not progress or len(starts) <= 1, leave=False):
-            yield images[start:start + batch_size]
-        return
-    if _is_single_image(images):
-        images = [images]
-    total = len(images) if hasattr(images, "__len__") else None
-    # Index when possible: corpora support len() and [] but need not be iterable.
-    items: Iterable[Any] = (images[i] for i in range(total)) if total is not None and hasattr(images, "__getitem__") else images
-    bar = tqdm(total=total, desc="encode images", unit="img", leave=False,
-               disable=not progress or (total is not None and total <= batch_size))
-    batch: list[torch.Tensor] = []
-    try:
-        for item in items:
-            batch.append(_load(model, item))
-            if len(batch) == batch_size:
-                yield torch.stack(batch)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            yield torch.stack(batch)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-
-
-def _load(model, item: Any) -> torch.Tensor:
-    from ..data.images import load_rgb
-
-    if hasattr(item, "image") and not _is_single_image(item):
-        item = item.image  # a CorpusRow
-    if isinstance(item, torch.Tensor):
-        return item
-    return model.preprocess(load_rgb(item))
-
-
-def _is_single_image(x: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(x, (Image.Image, str, bytes, bytearray, os.PathLike))
 
 
 def _check_classnames(classnames: Sequence[str]) -> list[str]:

@@ -7,7 +7,8 @@ Example:
     >>> index.search(texts=["a red heart"], k=5)[0][0]["image"]
 """
 
-from .embeddings import EmbeddingSet, export_embeddings
+from .embedding_set import EmbeddingSet
+from .embeddings import export_embeddings
 from .index import RetrievalIndex
 from .signature import PROBE_TEXTS, check_same_model, model_signature
 

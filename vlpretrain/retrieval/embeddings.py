@@ -23,217 +23,47 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ..inference import encode_texts, image_feature_batches
+from ..io import atomic_write, read_json, write_json
+from .embedding_set import FORMAT, MANIFEST_NAME, META_COLUMNS, STATE_NAME, EmbeddingSet, shard_name
 from .signature import check_same_model, model_signature
 
-__all__ = ["EmbeddingSet", "export_embeddings", "FORMAT", "MANIFEST_NAME", "STATE_NAME"]
+__all__ = ["export_embeddings"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "vlpretrain-embeddings-v1"
-MANIFEST_NAME = "manifest.json"
-STATE_NAME = ".export.json"
 STATE_FORMAT = "vlpretrain-embeddings-export-state-v1"
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 SHARD_FOLDERS = ("image", "text", "meta", "text_meta")
-# Column names of meta/*.parquet; a corpus extra column with one of these names gets an "extra_" prefix.
-META_COLUMNS = ("row", "image", "captions", "ok")
 MAX_BAD_IMAGES_LOGGED = 20
 
 
-def _shard_name(k: int, ext: str) -> str:
-    return f"{k:06d}.{ext}"
-
-
-def _unfinished_message(path: Path) -> str:
-    return (f"{path} has no manifest.json: the export is unfinished; rerun `vlp embed` with the same "
-            f"arguments to resume")
-
-
-# ----------------------------------------------------------------------------- reader
-
-
-class EmbeddingSet:
-    """A finished embedding export folder (see the module docstring for its layout).
-
-    Example:
-        >>> emb = EmbeddingSet.open("emb/pairs")
-        >>> emb.dim, emb.manifest["counts"]
-        (256, {'rows': 1000, 'image': 1000, 'text': 5000, 'bad_images': 0})
-        >>> images, meta = emb.image_embeddings(), emb.metadata()   # (1000, 256) float32, 1000 rows
-    """
-
-    def __init__(self, path: Union[str, os.PathLike], manifest: dict[str, Any]):
-        self.path = Path(path)
-        self.manifest = manifest
-
-    @classmethod
-    def open(cls, path: Union[str, os.PathLike]) -> "EmbeddingSet":
-        """Open a finished export; a folder without ``manifest.json`` is an unfinished export.
-
-        Example:
-            >>> EmbeddingSet.open("emb/pairs").signature["model"]
-            'runs/demo-emoji/final'
-        """
-        import json
-
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such embedding folder (make one with `vlp embed`)")
-        manifest_path = path / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(_unfinished_message(path))
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{manifest_path}: not valid JSON ({e}); delete {path} and export again") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise ValueError(f"{manifest_path}: format {found!r} is not {FORMAT!r}: export again with `vlp embed`")
-        return cls(path, manifest)
-
-    def __repr__(self) -> str:
-        return f"EmbeddingSet({str(self.path)!r}, dim={self.dim}, counts={self.counts})"
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def signature(self) -> dict[str, Any]:
-        return self.manifest["signature"]
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.manifest["modalities"])
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return dict(self.manifest["counts"])
-
-    @property
-    def num_shards(self) -> int:
-        return int(self.manifest["num_shards"])
-
-    def _shard_files(self, folder: str, ext: str) -> list[Path]:
-        files = [self.path / folder / _shard_name(k, ext) for k in range(self.num_shards)]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing: the embedding folder {self.path} is incomplete; "
-                                        f"delete it and export again with `vlp embed`")
-        return files
-
-    def _embeddings(self, modality: str) -> np.ndarray:
-        if modality not in self.modalities:
-            raise ValueError(f"{self.path} holds no {modality} embeddings (exported with modalities "
-                             f"{self.modalities}): export again with --modality {modality} or both")
-        parts = [np.load(f) for f in self._shard_files(modality, "npy")]
-        out = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, self.dim), np.float32)
-        expected = int(self.counts[modality])
-        if out.shape != (expected, self.dim):
-            raise ValueError(f"{self.path}/{modality}: shards hold {out.shape} embeddings, the manifest says "
-                             f"({expected}, {self.dim}): delete {self.path} and export again")
-        return out
-
-    def image_embeddings(self) -> np.ndarray:
-        """(N, D) float32 image embeddings in corpus row order (zero rows where ``ok`` is False)."""
-        return self._embeddings("image")
-
-    def text_embeddings(self) -> np.ndarray:
-        """(M, D) float32 caption embeddings in the order of :meth:`text_metadata`."""
-        return self._embeddings("text")
-
-    def metadata(self):
-        """One row per corpus row: ``row``, ``image``, ``captions``, ``ok`` and the corpus's extra columns."""
-        import pandas as pd
-
-        frames = [pd.read_parquet(f) for f in self._shard_files("meta", "parquet")]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(META_COLUMNS))
-
-    def text_metadata(self):
-        """One row per caption: ``row`` (the corpus row it belongs to) and ``caption``."""
-        import pandas as pd
-
-        if "text" not in self.modalities:
-            raise ValueError(f"{self.path} holds no text embeddings (exported with modalities {self.modalities}): "
-                             f"export again with --modality text or both")
-        frames = [pd.read_parquet(f) for f in self._shard_files("text_meta", "parquet")]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "caption"])
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` into a temp file next to ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temp name
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 def _save_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    _atomic_write(path, lambda f: pq.write_table(table, f))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-# ----------------------------------------------------------------------------- loading rows
-
-
-class _Rows(Dataset):
-    """Corpus rows with their decoded, eval-preprocessed image (``None`` where decoding failed)."""
-
-    def __init__(self, corpus: Any, transform: Callable, decode: bool):
-        self.corpus, self.transform, self.decode = corpus, transform, decode
-
-    def __len__(self) -> int:
-        return len(self.corpus)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..data.images import BadImageError, load_rgb
-
-        row = self.corpus[index]
-        image, error = None, None
-        if self.decode:
-            try:
-                image = self.transform(load_rgb(row.image))
-            except BadImageError as e:
-                error = str(e)  # the row is kept (zero vector, ok=False) so captions stay aligned
-        return {"row": index, "image": image, "error": error,
-                "path": row.image if isinstance(row.image, str) else "",
-                "captions": list(row.captions), "extras": dict(row.extras), "source": row.source}
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {key: [item[key] for item in items] for key in items[0]}
-    ok = [item["error"] is None for item in items]
-    images = None
-    if any(item["image"] is not None for item in items):
-        template = next(item["image"] for item in items if item["image"] is not None)
-        images = torch.stack([item["image"] if item["image"] is not None else torch.zeros_like(template)
-                              for item in items])
-    batch["images"], batch["ok"] = images, ok
-    return batch
+def _describe(index: int, row: Any) -> dict[str, Any]:
+    """What meta/*.parquet keeps of a corpus row (read in the loader's workers with the image)."""
+    return {"path": row.image if isinstance(row.image, str) else "", "captions": list(row.captions),
+            "extras": dict(row.extras), "source": row.source}
 
 
 def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: int) -> list[list[int]]:
@@ -246,13 +76,6 @@ def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: i
 
 
 # ----------------------------------------------------------------------------- one shard
-
-
-@torch.no_grad()
-def _encode_texts(model, captions: list[str], batch_size: int, device: torch.device) -> np.ndarray:
-    chunks = [model.encode_text(model.tokenizer(captions[i:i + batch_size]).to(device)).float().cpu()
-              for i in range(0, len(captions), batch_size)]
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.embed_dim), np.float32)
 
 
 def _meta_table(shard: dict[str, list], extra_names: dict[str, str]):
@@ -280,14 +103,14 @@ def _write_shard(out: Path, k: int, shard: dict[str, list], image_features: Opti
     import pyarrow as pa
 
     if image_features is not None:
-        _save_npy(out / "image" / _shard_name(k, "npy"), image_features.astype(dtype))
+        _save_npy(out / "image" / shard_name(k, "npy"), image_features.astype(dtype))
     if text_features is not None:
         rows = [r for r, caps in zip(shard["row"], shard["captions"]) for _ in caps]
-        _save_npy(out / "text" / _shard_name(k, "npy"), text_features.astype(dtype))
+        _save_npy(out / "text" / shard_name(k, "npy"), text_features.astype(dtype))
         captions = [c for caps in shard["captions"] for c in caps]
-        _save_parquet(out / "text_meta" / _shard_name(k, "parquet"),
+        _save_parquet(out / "text_meta" / shard_name(k, "parquet"),
                       pa.table({"row": pa.array(rows, pa.int64()), "caption": pa.array(captions, pa.string())}))
-    _save_parquet(out / "meta" / _shard_name(k, "parquet"), _meta_table(shard, extra_names))
+    _save_parquet(out / "meta" / shard_name(k, "parquet"), _meta_table(shard, extra_names))
 
 
 def _extra_columns(corpus: Any, first_extras: dict[str, Any]) -> dict[str, str]:
@@ -300,7 +123,6 @@ def _extra_columns(corpus: Any, first_extras: dict[str, Any]) -> dict[str, str]:
     return columns
 
 
-@torch.no_grad()
 def _encode_shards(model, corpus: Any, out: Path, shards: list[int], n: int, *, shard_size: int, batch_size: int,
                    num_workers: int, modalities: list[str], dtype: str, device: torch.device,
                    progress: bool) -> None:
@@ -309,44 +131,33 @@ def _encode_shards(model, corpus: Any, out: Path, shards: list[int], n: int, *, 
         return
     want_images = "image" in modalities
     # One loader over all of this process's shards keeps its decoding workers alive between shards.
-    loader = DataLoader(_Rows(corpus, model.preprocess, decode=want_images), num_workers=num_workers,
-                        batch_sampler=_shard_batches(shards, n, shard_size, batch_size), collate_fn=_collate)
-    total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in shards)
-    bar = tqdm(total=total, desc="embed", unit="row", disable=not progress)
-    was_training = model.training
-    model.eval()
+    batches = image_feature_batches(model, corpus, batch_size, device, num_workers, progress, on_bad_image="zero",
+                                    decode=want_images, describe=_describe, desc="embed",
+                                    batch_sampler=_shard_batches(shards, n, shard_size, batch_size))
     extra_names: Optional[dict[str, str]] = None
     current, shard, image_chunks, bad = -1, {}, [], 0
-    try:
-        for batch in loader:
-            k = batch["row"][0] // shard_size
-            if k != current:
-                current, image_chunks = k, []
-                shard = {key: [] for key in ("row", "path", "captions", "ok", "extras")}
-            for key in shard:
-                shard[key].extend(batch[key])
-            if extra_names is None:
-                extra_names = _extra_columns(corpus, batch["extras"][0])
-            if want_images:
-                features = torch.zeros(len(batch["row"]), model.embed_dim)
-                if batch["images"] is not None:
-                    features = model.encode_image(batch["images"].to(device)).float().cpu()
-                    features[~torch.tensor(batch["ok"])] = 0
-                image_chunks.append(features)
-                for ok, source, error in zip(batch["ok"], batch["source"], batch["error"]):
-                    if not ok:
-                        bad += 1
-                        if bad <= MAX_BAD_IMAGES_LOGGED:
-                            logger.warning("bad image, kept as a zero vector (ok=False): %s: %s", source, error)
-            bar.update(len(batch["row"]))
-            if len(shard["row"]) == min((k + 1) * shard_size, n) - k * shard_size:
-                captions = [c for caps in shard["captions"] for c in caps]
-                texts = _encode_texts(model, captions, batch_size, device) if "text" in modalities else None
-                images = torch.cat(image_chunks).numpy() if want_images else None
-                _write_shard(out, k, shard, images, texts, dtype, extra_names)
-    finally:
-        bar.close()
-        model.train(was_training)
+    for batch in batches:
+        batch["row"], batch["ok"] = batch["index"], batch["ok"].tolist()
+        k = batch["row"][0] // shard_size
+        if k != current:
+            current, image_chunks = k, []
+            shard = {key: [] for key in ("row", "path", "captions", "ok", "extras")}
+        for key in shard:
+            shard[key].extend(batch[key])
+        if extra_names is None:
+            extra_names = _extra_columns(corpus, batch["extras"][0])
+        if want_images:
+            image_chunks.append(batch["features"])
+            for ok, source, error in zip(batch["ok"], batch["source"], batch["error"]):
+                if not ok:
+                    bad += 1
+                    if bad <= MAX_BAD_IMAGES_LOGGED:
+                        logger.warning("bad image, kept as a zero vector (ok=False): %s: %s", source, error)
+        if len(shard["row"]) == min((k + 1) * shard_size, n) - k * shard_size:
+            captions = [c for caps in shard["captions"] for c in caps]
+            texts = encode_texts(model, captions, batch_size, device).numpy() if "text" in modalities else None
+            images = torch.cat(image_chunks).numpy() if want_images else None
+            _write_shard(out, k, shard, images, texts, dtype, extra_names)
     if bad > MAX_BAD_IMAGES_LOGGED:
         logger.warning("%d more bad images not listed (%d in all in this process)", bad - MAX_BAD_IMAGES_LOGGED, bad)
 
@@ -356,15 +167,13 @@ def _write_manifest(out: Path, signature: dict[str, Any], settings: dict[str, An
     """Count what the shards hold and write ``manifest.json`` (atomically, last of all files)."""
     import pyarrow.parquet as pq
 
-    from ..evaluation.tasks import write_json
-
     modalities = settings["modalities"]
     texts = bad = 0
     for k in range(num_shards):
         if "text" in modalities:
-            texts += pq.read_metadata(out / "text_meta" / _shard_name(k, "parquet")).num_rows
+            texts += pq.read_metadata(out / "text_meta" / shard_name(k, "parquet")).num_rows
         if "image" in modalities:
-            ok = pq.read_table(out / "meta" / _shard_name(k, "parquet"), columns=["ok"]).column("ok")
+            ok = pq.read_table(out / "meta" / shard_name(k, "parquet"), columns=["ok"]).column("ok")
             bad += int((~ok.to_numpy(zero_copy_only=False)).sum())
     rows = settings["rows"]
     manifest = {
@@ -380,15 +189,11 @@ def _write_manifest(out: Path, signature: dict[str, Any], settings: dict[str, An
 # ----------------------------------------------------------------------------- checks
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}): pick another --out or delete {path.parent}") from None
+def _read_record(path: Path) -> dict[str, Any]:
+    advice = f"pick another --out or delete {path.parent}"
+    data = read_json(path, advice)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not an export record: pick another --out or delete {path.parent}")
+        raise ValueError(f"{path}: not an export record: {advice}")
     return data
 
 
@@ -401,9 +206,9 @@ def _check_existing(out: Path, model, spec: Optional[str], settings: dict[str, A
         raise ValueError(f"{out} is a file, not a folder: pick another --out")
     manifest_path, state_path = out / MANIFEST_NAME, out / STATE_NAME
     if manifest_path.is_file():
-        record, manifest = _read_json(manifest_path), True
+        record, manifest = _read_record(manifest_path), True
     elif state_path.is_file():
-        record, manifest = _read_json(state_path), False
+        record, manifest = _read_record(state_path), False
     else:
         if any((out / folder).exists() for folder in SHARD_FOLDERS):
             raise ValueError(f"{out} holds shards of an unknown export (no {MANIFEST_NAME} or {STATE_NAME}): "
@@ -429,7 +234,7 @@ def _check_existing(out: Path, model, spec: Optional[str], settings: dict[str, A
 
 
 def _finished_shards(out: Path, num_shards: int) -> set[int]:
-    return {k for k in range(num_shards) if (out / "meta" / _shard_name(k, "parquet")).is_file()}
+    return {k for k in range(num_shards) if (out / "meta" / shard_name(k, "parquet")).is_file()}
 
 
 def _remove_temp_files(out: Path) -> None:
@@ -509,7 +314,7 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
         missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
         if missing:
             raise ValueError(f"{out}/{MANIFEST_NAME} lists {num_shards} shards but "
-                             f"meta/{_shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
+                             f"meta/{shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
         if acc.is_main_process:
             logger.info("%s: export already finished (%d rows, %d shards, same model and arguments); nothing to do",
                         out, n, num_shards)
@@ -520,8 +325,6 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
         for folder in ["meta", *modalities] + (["text_meta"] if "text" in modalities else []):
             (out / folder).mkdir(parents=True, exist_ok=True)
         _remove_temp_files(out)
-        from ..evaluation.tasks import write_json
-
         if not (out / STATE_NAME).is_file():  # a resume keeps the record it was checked against
             write_json({"format": STATE_FORMAT, "signature": signature, **settings}, out / STATE_NAME)
         if done:

@@ -1,0 +1,114 @@
+"""The files of an index folder: writing them (info.json last), reading info.json, and loading a checked index.
+
+Layout of an index folder ``INDEX_DIR``::
+
+    INDEX_DIR/index.faiss   inner-product faiss index over unit-norm float32 vectors
+    INDEX_DIR/meta.parquet  one row per vector in id order: id, modality, row, image, caption, source, extras
+    INDEX_DIR/info.json     kind, factory string, search parameters, recall@10, signature, ... (written last)
+    INDEX_DIR/embeddings/   only when built from a model and data: the embeddings it was built from
+
+Example:
+    >>> read_info("indexes/pairs")["kind"]
+    'flat'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from ..io import old_sibling, read_manifest, write_json
+
+__all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "EMBEDDINGS_NAME", "sha256_file", "link_or_copy",
+           "write_index_folder", "read_info", "read_faiss"]
+
+FORMAT = "vlpretrain-index-v1"
+INDEX_NAME = "index.faiss"
+META_NAME = "meta.parquet"
+INFO_NAME = "info.json"
+EMBEDDINGS_NAME = "embeddings"  # embeddings exported by build_from_corpus live inside the index folder
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (no copy, and the source stays whole), or copy where links fail."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_index_folder(tmp: Path, index, meta, info: dict[str, Any]) -> dict[str, Any]:
+    """Write index.faiss, meta.parquet and (last) info.json into the temp folder ``tmp``."""
+    import faiss
+
+    faiss.write_index(index, str(tmp / INDEX_NAME))
+    meta.to_parquet(tmp / META_NAME, index=False)
+    size = (tmp / INDEX_NAME).stat().st_size
+    info = dict(info, index_bytes=size, index_sha256=sha256_file(tmp / INDEX_NAME))
+    warnings = [w for w in info.get("warnings", []) if not w.startswith(f"{INDEX_NAME} is ")]
+    if size > int(info["memory_budget"]):
+        # The budget steers the choice of kind; an index over it is still written, with a note.
+        warnings.append(f"{INDEX_NAME} is {size} bytes, above the memory budget of {info['memory_budget']} "
+                        f"bytes: rebuild with --kind ivfpq or a larger --memory-budget")
+    info["warnings"] = warnings
+    write_json(info, tmp / INFO_NAME)
+    return info
+
+
+def read_info(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The parsed info.json of an index folder, with a clear error when it is missing or not an index.
+
+    Example:
+        >>> read_info("indexes/pairs")["kind"]
+        'flat'
+    """
+    path = Path(path)
+    if not path.is_dir():
+        if (old_sibling(path) / INFO_NAME).is_file():
+            raise FileNotFoundError(f"{path}: no such index folder, but {old_sibling(path)} holds the index an "
+                                    f"interrupted write moved aside: rename it back to {path}")
+        raise FileNotFoundError(f"{path}: no such index folder (make one with `vlp index build`)")
+    info_path = path / INFO_NAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{path} has no {INFO_NAME}: not a finished index; rebuild it with `vlp index build`")
+    return read_manifest(info_path, FORMAT, "rebuild it with `vlp index build`")
+
+
+def read_faiss(path: Path, info: dict[str, Any]):
+    """The faiss index of folder ``path``, checked against the size and SHA-256 that ``info`` records.
+
+    The file is read once: hashed, then deserialized from memory.
+
+    Example:
+        >>> index = read_faiss(Path("indexes/pairs"), read_info("indexes/pairs"))
+    """
+    import faiss
+
+    index_path = path / INDEX_NAME
+    expected = int(info.get("index_bytes", -1))
+    size = index_path.stat().st_size if index_path.is_file() else 0
+    corrupt = (f"{index_path} is truncated or corrupt ({size} bytes, expected {expected}): "
+               f"rebuild it with `vlp index build`")
+    if size != expected:
+        raise ValueError(corrupt)
+    data = index_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info.get("index_sha256"):
+        raise ValueError(corrupt)
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        raise ValueError(corrupt) from None
