@@ -10,15 +10,17 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy.stats import chi2
 
 from vlpretrain.config import LossConfig
 from vlpretrain.distributed import all_gather_with_grad
 from vlpretrain.losses import AlbefLoss, ContrastiveLoss, create_loss
-from vlpretrain.losses.albef import (distill_alpha_at, false_negative_mask, global_hard_negative_pairs, mask_tokens,
-                                     negative_pairs, sample_hard_negatives, sample_random_negatives)
+from vlpretrain.losses.albef import distill_alpha_at
+from vlpretrain.models.fusion_sampling import (false_negative_mask, global_hard_negative_pairs, mask_tokens,
+                                               negative_pairs, sample_hard_negatives, sample_random_negatives)
+
+from helpers import spawn_gloo
 
 DRAWS = 20000
 
@@ -316,38 +318,29 @@ def _step(raw: dict, head: torch.nn.Module, lo: int, hi: int, distill: bool):
             "negatives": torch.cat([text_for_image, image_for_text])}
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {}
-        local = GLOBAL_BATCH // world
-        for distill in (False, True):
-            raw, head = _inputs()
-            out = _step(raw, head, rank * local, (rank + 1) * local, distill)
-            # Data-parallel training averages losses and parameter gradients over ranks; feature
-            # gradients already hold every rank's contribution (the gather's backward sums them).
-            for key in ("itc", "itm", "head_grad"):
-                dist.all_reduce(out[key])
-                out[key] /= world
-            for key in ("image_grad", "text_grad", "negatives"):
-                parts = [torch.empty_like(out[key]) for _ in range(world)]
-                dist.all_gather(parts, out[key])
-                out[key] = torch.stack(parts)
-            for key in ("image_grad", "text_grad"):
-                out[key] = out[key].flatten(0, 1) / world
-            results[distill] = out
-        if rank == 0:
-            torch.save(results, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    results = {}
+    local = GLOBAL_BATCH // world
+    for distill in (False, True):
+        raw, head = _inputs()
+        out = _step(raw, head, rank * local, (rank + 1) * local, distill)
+        # Data-parallel training averages losses and parameter gradients over ranks; feature
+        # gradients already hold every rank's contribution (the gather's backward sums them).
+        for key in ("itc", "itm", "head_grad"):
+            dist.all_reduce(out[key])
+            out[key] /= world
+        for key in ("image_grad", "text_grad", "negatives"):
+            parts = [torch.empty_like(out[key]) for _ in range(world)]
+            dist.all_gather(parts, out[key])
+            out[key] = torch.stack(parts)
+        for key in ("image_grad", "text_grad"):
+            out[key] = out[key].flatten(0, 1) / world
+        results[distill] = out
+    return results
 
 
-def test_two_processes_with_global_negatives_equal_one_process(tmp_path):
-    out_file, init_file = str(tmp_path / "two.pt"), str(tmp_path / "init")
-    mp.spawn(_worker, args=(2, init_file, out_file), nprocs=2, join=True)
-    two = torch.load(out_file)
+def test_two_processes_with_global_negatives_equal_one_process():
+    two = spawn_gloo(_worker, 2)
     for distill in (False, True):
         raw, head = _inputs()
         one = _step(raw, head, 0, GLOBAL_BATCH, distill)

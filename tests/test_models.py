@@ -165,12 +165,13 @@ def test_blur_augmentation_blurs_after_the_crop():
     from PIL import Image
     from torchvision import transforms
 
-    from vlpretrain.models.factory import build_transforms
+    from vlpretrain.data.transforms import build_transforms
+    from vlpretrain.models.factory import image_settings
 
     cfg = tiny_model_config()
     open_clip_cfg = {"vision_cfg": {"image_size": 32}}
-    plain, _ = build_transforms(open_clip_cfg, cfg, {"scale": [1.0, 1.0], "ratio": [1.0, 1.0]})
-    blurred, _ = build_transforms(open_clip_cfg, cfg, {"scale": [1.0, 1.0], "ratio": [1.0, 1.0],
+    plain, _ = build_transforms(image_settings(open_clip_cfg, cfg), {"scale": [1.0, 1.0], "ratio": [1.0, 1.0]})
+    blurred, _ = build_transforms(image_settings(open_clip_cfg, cfg), {"scale": [1.0, 1.0], "ratio": [1.0, 1.0],
                                                        "blur_prob": 1.0, "blur_sigma": [2.0, 2.0]})
     step = blurred.transforms[1]
     assert isinstance(step, transforms.RandomApply) and isinstance(step.transforms[0], transforms.GaussianBlur)
@@ -187,11 +188,12 @@ def test_shading_augmentation_keeps_hue_and_background():
     import numpy as np
     from PIL import Image
 
-    from vlpretrain.data.augment import RandomShading
-    from vlpretrain.models.factory import build_transforms
+    from vlpretrain.data.transforms import RandomShading
+    from vlpretrain.data.transforms import build_transforms
+    from vlpretrain.models.factory import image_settings
 
     cfg = tiny_model_config()
-    train_tf, _ = build_transforms({"vision_cfg": {"image_size": 32}}, cfg, {"shade_prob": 1.0, "shade_strength": [0.4, 0.4]})
+    train_tf, _ = build_transforms(image_settings({"vision_cfg": {"image_size": 32}}, cfg), {"shade_prob": 1.0, "shade_strength": [0.4, 0.4]})
     assert isinstance(train_tf.transforms[1], RandomShading)
 
     pixels = np.full((40, 40, 3), 255, np.uint8)
@@ -214,7 +216,7 @@ def test_shading_augmentation_keeps_hue_and_background():
     ({"strength": (0.3,)}, "data.augmentation.shade_strength must be [low, high] with 0 <= low <= high < 1, got [0.3]"),
 ])
 def test_shading_settings_are_checked(kwargs, message):
-    from vlpretrain.data.augment import RandomShading
+    from vlpretrain.data.transforms import RandomShading
 
     with pytest.raises(ValueError) as error:
         RandomShading(**kwargs)

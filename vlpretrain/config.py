@@ -85,7 +85,7 @@ class DataConfig:
     num_workers: int = 1
     # open_clip's AugmentationCfg keys (scale, ratio, color_jitter, color_jitter_prob, gray_scale_prob,
     # ...) plus blur_prob / blur_sigma (a Gaussian blur after the crop) and shade_prob / shade_strength
-    # (vlpretrain.data.augment.RandomShading: smooth light and shadow over the drawing, hues kept).
+    # (vlpretrain.data.transforms.RandomShading: smooth light and shadow over the drawing, hues kept).
     augmentation: dict = field(default_factory=dict)
 
 

@@ -77,7 +77,7 @@ class ImageTextDataset(Dataset):
         self.seed = int(seed)
         self.max_tries = int(max_tries)
         # (pattern, transform): a sample whose caption matches gets this transform instead (colour-safe
-        # augmentation for captions that name colours; see data/augment.py).
+        # augmentation for captions that name colours; see data/transforms.py).
         self.caption_transform = caption_transform
         self.epoch = 0
 

@@ -79,27 +79,13 @@ def open_labelled_images(spec: str, label_column: str = "label", image_column: s
         >>> len(data), sorted(set(data.labels))[:2]
     """
     from .corpus import TABLE_EXTENSIONS, HFDatasetCorpus, open_corpus
+    from .named import named_table
 
     path = Path(spec)
-    if spec.startswith("noto-emoji:"):
-        from .rendered import build_noto_emoji_split
-
-        split_name = spec.split(":", 1)[1] or "test"
-        return _from_corpus(open_corpus(str(build_noto_emoji_split(split_name))), label_column, f"emoji-noto-{split_name}")
-    if spec.startswith("tuxpaint:"):
-        from .rendered import build_tuxpaint_table
-
-        split_name = spec.split(":", 1)[1] or "all"
-        name = "tuxpaint-stamps" if split_name == "all" else f"tuxpaint-{split_name}"
-        return _from_corpus(open_corpus(str(build_tuxpaint_table(split=split_name))), label_column, name)
-    if spec.startswith("emoji:"):
-        from .emoji import build_emoji_corpus
-
-        split_name = spec.split(":", 1)[1] or "test"
-        table = build_emoji_corpus() / f"{split_name}.csv"
-        if not table.is_file():
-            raise ValueError(f"emoji split '{split_name}' does not exist (use train, val, test or all)")
-        return _from_corpus(open_corpus(str(table)), label_column, f"emoji-{split_name}")
+    named = named_table(spec, default_split="test")
+    if named is not None:
+        table, name = named
+        return _from_corpus(open_corpus(str(table)), label_column, name)
     if path.is_dir() and not any((path / f).exists() for f in
                                  ("dataset_info.json", "state.json", "dataset_dict.json", "metadata.jsonl", "metadata.csv")):
         return _from_class_folders(path)

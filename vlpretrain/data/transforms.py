@@ -1,4 +1,9 @@
-"""Image augmentations that open_clip's ``AugmentationCfg`` lacks, applied to PIL images after the crop.
+"""Image transforms: the train and eval pipelines (open_clip's, sized and normalised as the model says),
+and the augmentations that open_clip's ``AugmentationCfg`` lacks, applied to PIL images after the crop.
+
+- :func:`build_transforms`: (train, eval) transforms from :class:`ImageSettings` (the model's image
+  size, mean, std and resize rule; see ``vlpretrain.models.factory.image_settings``) and the recipe's
+  ``data.augmentation``.
 
 - :class:`RandomShading`: a smooth light-to-dark field over the drawing, leaving the white background
   alone. Flat-coloured art (twemoji) then also shows the highlights and shadows of shaded styles (Noto),
@@ -14,10 +19,67 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+__all__ = ["ImageSettings", "build_transforms", "RandomShading", "colour_caption_pattern", "colour_safe_augmentation"]
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What a model's image tower expects: the square input ``size``, normalisation ``mean`` / ``std``
+    (None: open_clip's OpenAI defaults) and, for transformers processors, ``resize_mode`` /
+    ``interpolation`` / ``resize_size`` (a shortest-side resize larger than the crop, e.g. 256 -> 224)."""
+
+    size: int = 224
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    resize_mode: Optional[str] = None
+    interpolation: Optional[str] = None
+    resize_size: Optional[int] = None
+
+
+def build_transforms(image: ImageSettings, augmentation: Optional[dict] = None) -> tuple[Callable, Callable]:
+    """(train, eval) image transforms from open_clip, sized and normalised by ``image``.
+
+    ``augmentation`` is the recipe's ``data.augmentation``: open_clip's ``AugmentationCfg`` keys, plus
+    ``blur_prob`` / ``blur_sigma`` and ``shade_prob`` / ``shade_strength``, applied after the crop on
+    the PIL image, shading first.
+
+    Example:
+        >>> train, evaluation = build_transforms(ImageSettings(size=64), {"scale": [0.9, 1.0], "shade_prob": 0.5})
+        >>> evaluation(Image.new("RGB", (100, 80))).shape
+        torch.Size([3, 64, 64])
+    """
+    import open_clip
+
+    aug = dict(augmentation or {})
+    for key in ("scale", "ratio"):
+        if key in aug and aug[key] is not None:
+            aug[key] = tuple(aug[key])
+    blur_prob, blur_sigma = float(aug.pop("blur_prob", 0.0) or 0.0), aug.pop("blur_sigma", (0.1, 1.0))
+    shade_prob, shade_strength = float(aug.pop("shade_prob", 0.0) or 0.0), aug.pop("shade_strength", (0.2, 0.5))
+    aug.pop("protect_colour_captions", None)  # read by the training dataset (colour_caption_pattern)
+    train = open_clip.image_transform(image.size, is_train=True, mean=image.mean, std=image.std, aug_cfg=aug or None)
+    if blur_prob > 0:
+        from torchvision import transforms
+
+        blur = transforms.GaussianBlur(kernel_size=5, sigma=tuple(blur_sigma))
+        train.transforms.insert(1, transforms.RandomApply([blur], p=blur_prob))
+    if shade_prob > 0:
+        train.transforms.insert(1, RandomShading(shade_prob, tuple(shade_strength)))
+    evaluation = open_clip.image_transform(image.size, is_train=False, mean=image.mean, std=image.std,
+                                           resize_mode=image.resize_mode, interpolation=image.interpolation)
+    if image.resize_mode == "shortest" and image.resize_size not in (None, image.size):
+        from torchvision import transforms
+
+        # CLIP processors may resize the shortest side to more than the crop (e.g. 256 then crop 224).
+        evaluation.transforms[0] = transforms.Resize(
+            image.resize_size, interpolation=transforms.InterpolationMode(image.interpolation or "bicubic"))
+    return train, evaluation
 
 
 class RandomShading:

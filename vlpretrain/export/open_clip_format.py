@@ -65,7 +65,7 @@ def open_clip_model_cfg(model, final_dir: Path) -> dict:
 
 
 def preprocess_cfg(model) -> dict:
-    """The eval transform of ``build_transforms`` in open_clip's ``preprocess_cfg`` terms."""
+    """The eval transform of ``vlpretrain.data.transforms.build_transforms`` in open_clip's ``preprocess_cfg`` terms."""
     image_size = model.open_clip_config["vision_cfg"].get("image_size", 224)
     mean = getattr(model.model_config, "image_mean", None) or OPENAI_DATASET_MEAN
     std = getattr(model.model_config, "image_std", None) or OPENAI_DATASET_STD

@@ -12,6 +12,7 @@ import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from ..config import ConfigError, ModelConfig, load_recipe
+from ..data.transforms import ImageSettings, build_transforms
 from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, MASK_TOKEN, WEIGHTS_NAME, DualEncoder
 from .fusion import fusion_settings
 from .towers import build_open_clip_config, uses_custom_text
@@ -31,45 +32,21 @@ def build_tokenizer(open_clip_cfg: dict, mask_token: bool = False):
     return SimpleTokenizer(context_length=context_length)
 
 
-def build_transforms(open_clip_cfg: dict, cfg: ModelConfig, augmentation: Optional[dict] = None):
-    """(train, eval) image transforms from open_clip, sized by the image tower.
+def image_settings(open_clip_cfg: dict, cfg: ModelConfig) -> ImageSettings:
+    """What the image tower expects, for :func:`vlpretrain.data.transforms.build_transforms`.
 
     A transformers CLIP / SigLIP model's config carries its processor's settings (``hf_preprocess``:
     mean, std, resize mode and interpolation), used unless the recipe sets image_mean / image_std.
+
+    Example:
+        >>> train, evaluation = build_transforms(image_settings(model.open_clip_config, model.model_config))
     """
     image_size = open_clip_cfg["vision_cfg"].get("image_size", 224)
     hf = open_clip_cfg.get("hf_preprocess") or {}
     mean = tuple(cfg.image_mean) if cfg.image_mean else (tuple(hf["mean"]) if hf.get("mean") else None)
     std = tuple(cfg.image_std) if cfg.image_std else (tuple(hf["std"]) if hf.get("std") else None)
-    resize_mode, interpolation = hf.get("resize_mode"), hf.get("interpolation")
-    aug = dict(augmentation or {})
-    for key in ("scale", "ratio"):
-        if key in aug and aug[key] is not None:
-            aug[key] = tuple(aug[key])
-    # Shading and Gaussian blur are not among open_clip's augmentations: applied after the crop, on
-    # the PIL image, shading first.
-    blur_prob, blur_sigma = float(aug.pop("blur_prob", 0.0) or 0.0), aug.pop("blur_sigma", (0.1, 1.0))
-    shade_prob, shade_strength = float(aug.pop("shade_prob", 0.0) or 0.0), aug.pop("shade_strength", (0.2, 0.5))
-    aug.pop("protect_colour_captions", None)  # read by the training dataset (data/augment.py)
-    train = open_clip.image_transform(image_size, is_train=True, mean=mean, std=std, aug_cfg=aug or None)
-    if blur_prob > 0:
-        from torchvision import transforms
-
-        blur = transforms.GaussianBlur(kernel_size=5, sigma=tuple(blur_sigma))
-        train.transforms.insert(1, transforms.RandomApply([blur], p=blur_prob))
-    if shade_prob > 0:
-        from ..data.augment import RandomShading
-
-        train.transforms.insert(1, RandomShading(shade_prob, tuple(shade_strength)))
-    evaluation = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std,
-                                           resize_mode=resize_mode, interpolation=interpolation)
-    if hf.get("resize_mode") == "shortest" and hf.get("resize_size", image_size) != image_size:
-        from torchvision import transforms
-
-        # CLIP processors may resize the shortest side to more than the crop (e.g. 256 then crop 224).
-        evaluation.transforms[0] = transforms.Resize(
-            hf["resize_size"], interpolation=transforms.InterpolationMode(interpolation or "bicubic"))
-    return train, evaluation
+    return ImageSettings(size=image_size, mean=mean, std=std, resize_mode=hf.get("resize_mode"),
+                         interpolation=hf.get("interpolation"), resize_size=hf.get("resize_size", image_size))
 
 
 def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pretrained: bool = True) -> DualEncoder:
@@ -99,7 +76,7 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
     if cfg.pretrained and load_pretrained:
         _load_open_clip_weights(clip, cfg)
 
-    train_tf, eval_tf = build_transforms(open_clip_cfg, cfg, augmentation)
+    train_tf, eval_tf = build_transforms(image_settings(open_clip_cfg, cfg), augmentation)
     tokenizer = build_tokenizer(open_clip_cfg, mask_token=fusion is not None and fusion.mlm)
     model = DualEncoder(clip, tokenizer, eval_tf, train_tf, cfg, open_clip_cfg, max_logit_scale=cfg.max_logit_scale)
     if fusion is not None:
@@ -138,7 +115,7 @@ def _build_hf_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_
         "hf_model_type": towers.model_type,
         "hf_preprocess": settings,
     }
-    train_tf, eval_tf = build_transforms(open_clip_cfg, cfg, augmentation)
+    train_tf, eval_tf = build_transforms(image_settings(open_clip_cfg, cfg), augmentation)
     # A pretrained SigLIP's temperature can sit above CLIP's cap of 100; clamping would cut it.
     max_logit_scale = max(cfg.max_logit_scale, float(towers.logit_scale.detach().max()))
     model = DualEncoder(towers, tokenizer, eval_tf, train_tf, cfg, open_clip_cfg, max_logit_scale=max_logit_scale)

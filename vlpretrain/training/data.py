@@ -2,29 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 from ..config import DataConfig
-
-
-def open_named_corpus(spec: str, data: DataConfig, split: Optional[str] = None) -> Any:
-    """A corpus from a spec: ``emoji:SPLIT`` (the offline demo corpus, built once), ``tuxpaint:SPLIT``
-    (Tux Paint's stamps, when installed: all, train, heldout) or anything
-    :func:`vlpretrain.data.open_corpus` reads (table file, saved / imagefolder dataset, ``hf:NAME``)."""
-    from ..data import build_emoji_corpus, open_corpus
-
-    if spec.startswith("emoji:"):
-        name = spec.split(":", 1)[1] or "train"
-        root = build_emoji_corpus()
-        path = root / f"{name}.csv"
-        if not path.is_file():
-            raise ValueError(f"data: emoji split '{name}' does not exist (use train, val, test or all)")
-        return open_corpus(str(path))
-    if spec.startswith("tuxpaint:"):
-        from ..data.rendered import build_tuxpaint_table
-
-        return open_corpus(str(build_tuxpaint_table(split=spec.split(":", 1)[1] or "all")))
-    return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column)
+from ..data.named import open_named_corpus
 
 
 def build_train_dataset(data: DataConfig, model, seed: int):
@@ -47,11 +26,12 @@ def build_train_dataset(data: DataConfig, model, seed: int):
 
 def _colour_safe_transform(data: DataConfig, model):
     """(pattern, transform without colour augmentation) when ``data.augmentation.protect_colour_captions``."""
-    from ..data.augment import colour_caption_pattern, colour_safe_augmentation
-    from ..models.factory import build_transforms
+    from ..data.transforms import build_transforms, colour_caption_pattern, colour_safe_augmentation
+    from ..models.factory import image_settings
 
     pattern = colour_caption_pattern((data.augmentation or {}).get("protect_colour_captions"))
     if pattern is None:
         return None
-    safe, _ = build_transforms(model.open_clip_config, model.model_config, colour_safe_augmentation(data.augmentation))
+    safe, _ = build_transforms(image_settings(model.open_clip_config, model.model_config),
+                               colour_safe_augmentation(data.augmentation))
     return pattern, safe

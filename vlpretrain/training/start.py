@@ -7,7 +7,8 @@ import logging
 
 from ..config import ModelConfig
 from ..models import DualEncoder, build_model, load_model
-from ..models.factory import apply_locks, build_transforms
+from ..data.transforms import build_transforms
+from ..models.factory import apply_locks, image_settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def build_start_model(cfg: ModelConfig, augmentation: dict | None = None) -> Dua
         raise ValueError(f"model.fusion: model.init_from={cfg.init_from} has no fusion heads, and they cannot be "
                          f"added to a trained model; remove model.fusion or start from a model trained with them")
     if augmentation and "vision_cfg" in model.open_clip_config:
-        model.preprocess_train, _ = build_transforms(model.open_clip_config, model.model_config, augmentation)
+        settings = image_settings(model.open_clip_config, model.model_config)
+        model.preprocess_train, _ = build_transforms(settings, augmentation)
     # The source's own locks were for its own training; this recipe decides what trains now.
     for param in model.parameters():
         param.requires_grad_(True)

@@ -1,0 +1,59 @@
+"""Option blocks shared by the commands, written once so every command spells and explains them alike.
+
+Example:
+    >>> p = argparse.ArgumentParser()
+    >>> add_model_option(p)
+    >>> add_corpus_options(p, data_help="the corpus to encode")
+    >>> p.parse_args(["--model", "runs/demo/final", "--data", "emoji:test"]).caption_column
+    'caption'
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+MODEL_HELP = "checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME"
+CORPUS_HELP = ("a CSV/TSV/JSONL/parquet table, a saved or imagefolder dataset, hf:NAME, or emoji:SPLIT "
+               "(the offline demo corpus)")
+
+
+def add_model_option(p: argparse.ArgumentParser, required: bool = True, help: Optional[str] = None) -> None:
+    """``--model``: what ``vlpretrain.load_model`` takes."""
+    p.add_argument("--model", required=required, default=None, help=help or MODEL_HELP)
+
+
+def add_corpus_options(p: argparse.ArgumentParser, data_help: str = CORPUS_HELP, required: bool = True,
+                       captions: bool = True, columns: bool = True) -> None:
+    """``--data`` and how to read it: ``--image-column``, ``--caption-column`` (several comma-separated,
+    read by :func:`vlpretrain.data.named.parse_caption_columns`) and ``--split``."""
+    p.add_argument("--data", required=required, default=None, help=data_help)
+    if columns:
+        add_image_column_option(p)
+    if captions and columns:
+        p.add_argument("--caption-column", default="caption",
+                       help="caption column of a table or dataset; a cell may hold a list of captions; several "
+                            "columns comma-separated, e.g. caption_1,caption_2 (default: caption)")
+    add_split_option(p)
+
+
+def add_image_column_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
+
+
+def add_split_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default=None, help="split of a dataset folder or hf:NAME (default: train)")
+
+
+def add_batch_options(p: argparse.ArgumentParser, workers: Optional[int] = None, what: str = "") -> None:
+    """``--batch-size`` and, when ``workers`` is a default, ``--num-workers``."""
+    suffix = f" {what}" if what else ""
+    p.add_argument("--batch-size", type=int, default=256,
+                   help=f"images / captions per forward pass{suffix} (default: 256)")
+    if workers is not None:
+        p.add_argument("--num-workers", type=int, default=workers,
+                       help=f"image decoding processes{suffix} (default: {workers}; 0 decodes in the main one)")
+
+
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
