@@ -4,17 +4,13 @@ Example:
     >>> from vlpretrain.data import open_corpus, ImageTextDataset, collate_image_text
     >>> ds = ImageTextDataset(open_corpus("pairs.csv"), preprocess, tokenizer)
 """
-from .corpus import (
-    TABLE_EXTENSIONS,
-    CorpusRow,
-    HFDatasetCorpus,
-    ImageCaptionCorpus,
-    TableCorpus,
-    open_corpus,
-)
+from .corpus import CorpusRow, ImageCaptionCorpus
+from .corpus_dispatch import open_corpus
 from .dataset import CAPTION_CHOICES, EpochPermutationSampler, ImageTextDataset, collate_image_text
 from .emoji import EMOJI_CORPUS_VERSION, build_emoji_corpus, default_cache_dir, emoji_records
+from .hf_corpus import HFDatasetCorpus
 from .images import BadImageError, load_rgb
+from .table_corpus import TABLE_EXTENSIONS, TableCorpus
 
 __all__ = [
     "CorpusRow",

@@ -78,7 +78,9 @@ def open_labelled_images(spec: str, label_column: str = "label", image_column: s
         >>> data = open_labelled_images("emoji:test", label_column="category")
         >>> len(data), sorted(set(data.labels))[:2]
     """
-    from .corpus import TABLE_EXTENSIONS, HFDatasetCorpus, open_corpus
+    from .corpus_dispatch import is_dataset_folder, open_corpus
+    from .hf_corpus import HFDatasetCorpus
+    from .table_corpus import TABLE_EXTENSIONS
     from .named import named_table
 
     path = Path(spec)
@@ -86,8 +88,7 @@ def open_labelled_images(spec: str, label_column: str = "label", image_column: s
     if named is not None:
         table, name = named
         return _from_corpus(open_corpus(str(table)), label_column, name)
-    if path.is_dir() and not any((path / f).exists() for f in
-                                 ("dataset_info.json", "state.json", "dataset_dict.json", "metadata.jsonl", "metadata.csv")):
+    if path.is_dir() and not is_dataset_folder(path):
         return _from_class_folders(path)
     if path.is_file() and path.suffix.lower() in TABLE_EXTENSIONS:
         # The label is read as the "caption" column: the reader's path handling and messages apply.

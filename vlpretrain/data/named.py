@@ -68,7 +68,7 @@ def open_named_corpus(spec: str, data: Optional[DataConfig] = None, split: Optio
     Example:
         >>> open_named_corpus("pairs.csv", DataConfig(caption_column=["caption_1", "caption_2"]))
     """
-    from .corpus import open_corpus
+    from .corpus_dispatch import open_corpus
 
     named = named_table(spec, default_split="train")
     if named is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Union
@@ -13,6 +12,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from ..config import ConfigError, ModelConfig, load_recipe
 from ..data.transforms import ImageSettings, build_transforms
+from ..io import read_json
 from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, MASK_TOKEN, WEIGHTS_NAME, DualEncoder
 from .fusion import fusion_settings
 from .towers import build_open_clip_config, uses_custom_text
@@ -207,10 +207,7 @@ def load_checkpoint_dir(directory: Union[str, Path], map_location: str = "cpu") 
         raise FileNotFoundError(f"{directory}: not a vlpretrain checkpoint (no {CONFIG_NAME})")
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory}: checkpoint has no {WEIGHTS_NAME}")
-    try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    values = read_json(config_path)
     cfg = _model_config_from_dict(values["model"])
     if cfg.hf_model:
         # The transformers config saved with the weights, and the tokenizer / processor files in hf/:

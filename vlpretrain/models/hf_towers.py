@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from ..io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def load_hf_config(source: str, config_dict: Optional[dict] = None):
         config_path = Path(source).expanduser() / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{source}: not a transformers model folder (no config.json)")
-        try:
-            values = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        values = read_json(config_path)
         _check_model_type(values.get("model_type") if isinstance(values, dict) else None, str(source))
         return AutoConfig.from_pretrained(str(Path(source).expanduser()))
     try:
@@ -223,10 +221,7 @@ def load_image_settings(source: str, config) -> dict:
                 found = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
                 path = Path(found) if found else None
     if path is not None:
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        values = read_json(path)
     if model_type == "clip":
         crop = _size_of(values.get("crop_size"), ("height", "width")) or image_size
         resize = _size_of(values.get("size"), ("shortest_edge", "height")) or crop

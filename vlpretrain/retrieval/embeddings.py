@@ -1,13 +1,8 @@
 """Embedding export: a corpus encoded once into numbered shards, resumable, over one or many processes.
 
-Layout of an export folder ``OUT`` (shard ``k`` covers corpus rows ``[k*S, min((k+1)*S, N))``)::
-
-    OUT/manifest.json            written last, when every shard is done
-    OUT/image/000000.npy         (rows, D) unit-norm float16/float32; an undecodable image gives a zero row
-    OUT/text/000000.npy          (captions, D), the captions of the shard's rows in row order
-    OUT/meta/000000.parquet      row, image, captions, ok, extra corpus columns; written last per shard
-    OUT/text_meta/000000.parquet row, caption
-    OUT/.export.json             signature and arguments of the export, so a resume can check them
+Shard ``k`` covers corpus rows ``[k*S, min((k+1)*S, N))``; the folder layout is described in
+:mod:`vlpretrain.retrieval.embedding_set`, which reads a finished export back. ``meta/k.parquet`` is
+written last per shard and ``manifest.json`` last of all, so a rerun resumes from the finished shards.
 
 Example:
     >>> from vlpretrain.data import open_corpus
