@@ -40,10 +40,10 @@ def test_retrieval_report_has_masked_token_accuracy(tmp_path):
     from vlpretrain.data.images import load_rgb
     from vlpretrain.inference import encode_corpus
     from vlpretrain.evaluation.tasks import evaluate_retrieval
-    from vlpretrain.losses.albef import mask_tokens
+    from vlpretrain.models.fusion_sampling import mask_tokens
     from vlpretrain.models import build_model
     from vlpretrain.models.tower_tokens import text_features_and_tokens
-    from vlpretrain.training.data import open_named_corpus
+    from vlpretrain.data.named import open_named_corpus
 
     from helpers import tiny_model_config
 

@@ -17,7 +17,7 @@ from vlpretrain import load_model
 from vlpretrain.config import DataConfig, ModelConfig
 from vlpretrain.distributed import get_rank
 from vlpretrain.losses import create_loss
-from vlpretrain.losses.albef import mask_tokens
+from vlpretrain.models.fusion_sampling import mask_tokens
 from vlpretrain.models import build_model
 from vlpretrain.models.dual_encoder import ITM_MISSING
 from vlpretrain.models.fusion import SAMPLING_SEED, fusion_settings
@@ -160,8 +160,7 @@ def test_mask_token_and_mlm_labels_only_at_masked_positions(tiny):
     # The forward masks with a generator seeded from its step counter: reproduce its draw.
     # Local negatives consume the same (per-rank) generator first.
     generator = torch.Generator().manual_seed(SAMPLING_SEED + step + 1_000_003 * (get_rank() + 1))
-    from vlpretrain.losses.albef import negative_pairs
-    from vlpretrain.models.dual_encoder import caption_keys
+    from vlpretrain.models.fusion_sampling import caption_keys, negative_pairs
 
     negative_pairs(out["image_features"], out["text_features"], out["logit_scale"], torch.arange(6),
                    caption_keys(tokens), generator=generator)
@@ -336,7 +335,7 @@ def test_reranked_metrics_equal_a_naive_reranking():
 
 @pytest.fixture(scope="module")
 def corpus_and_model(tmp_path_factory):
-    from vlpretrain.training.data import open_named_corpus
+    from vlpretrain.data.named import open_named_corpus
 
     root = tmp_path_factory.mktemp("rerank")
     table = write_image_csv(root, 12)

@@ -108,9 +108,9 @@ def real_embeddings(model_spec: str, batch_size: int, progress: bool) -> tuple[n
         >>> images, texts, info = real_embeddings("runs/demo-emoji/final", 256, progress=False)
     """
     from vlpretrain.config import DataConfig
-    from vlpretrain.evaluation.features import encode_corpus
+    from vlpretrain.inference import encode_corpus
     from vlpretrain.models import load_model
-    from vlpretrain.training.data import open_named_corpus
+    from vlpretrain.data.named import open_named_corpus
 
     model = load_model(model_spec)
     corpus = open_named_corpus("emoji:all", DataConfig())
@@ -530,7 +530,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     wall = time.perf_counter()
-    from vlpretrain.evaluation.tasks import write_json
+    from vlpretrain.io import write_json
 
     report: dict = {
         "format": "vlpretrain-bench-index-v1",

@@ -27,11 +27,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 __all__ = [
     "atomic_write", "write_text", "write_json", "read_json", "read_manifest", "temp_folder_beside",
-    "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder",
+    "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder", "check_replaceable",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -154,6 +154,26 @@ def temp_folder_beside(out: PathLike, prefix: Optional[str] = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+def check_replaceable(out: PathLike, markers: Sequence[str], what: str, advice: str, name: Optional[str] = None) -> None:
+    """Refuse to let a folder write replace ``out`` unless it is missing, an empty folder, or a folder
+    holding one of the ``markers`` files (so it is a ``what`` this toolkit wrote before). A user's
+    other folder or file is never replaced. ``name`` is how the error names ``out`` (e.g. ``--out DIR``).
+
+    Example:
+        >>> check_replaceable("runs/wise/alpha_0.5", ["vlp_config.json"], "vlpretrain checkpoint folder",
+        ...                   "choose a new folder")
+    """
+    out = Path(out)
+    name = name or str(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{name}: exists and is not a folder; {advice}")
+    if any((out / marker).is_file() for marker in markers) or not any(out.iterdir()):
+        return
+    raise ValueError(f"{name}: exists and is not a {what}; {advice}")
 
 
 def _rename_exchange(a: Path, b: Path) -> bool:

@@ -46,10 +46,11 @@ def format_retrieval_table(metrics: dict, ks=(1, 5, 10)) -> str:
 def run(args) -> int:
     from ..config import load_recipe
     from ..data import build_emoji_corpus
-    from ..evaluation.tasks import evaluate_retrieval, write_json
+    from ..evaluation.tasks import evaluate_retrieval
+    from ..io import write_json
     from ..models import load_model
     from ..training import train
-    from ..training.data import open_named_corpus
+    from ..data.named import open_named_corpus
 
     recipe_path = find_recipe(args.recipe)
     # The demo owns its run folder: running it again starts over (so `make demo` is repeatable).
@@ -79,7 +80,7 @@ def run(args) -> int:
 def demo_index(model, spec: str, out: Path, query: str, data_cfg, k: int = 5) -> None:
     """Index every emoji image (train, val and test) and print the top ``k`` images for ``query``."""
     from ..retrieval import RetrievalIndex
-    from ..training.data import open_named_corpus
+    from ..data.named import open_named_corpus
 
     # The demo starts over each time: an export left by an interrupted earlier run (another model) goes.
     index = RetrievalIndex.build_from_corpus(model, open_named_corpus("emoji:all", data_cfg), out, spec=spec,

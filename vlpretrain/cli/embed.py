@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from .options import add_batch_options, add_corpus_options, add_model_option, add_progress_option
+
 DESCRIPTION = """\
 Encode every image and every caption of a corpus with a model's eval preprocessing, into OUT:
 
@@ -27,25 +29,16 @@ Several processes (GPUs, or gloo processes on a CPU-only machine), shard k encod
 def add_parser(commands) -> None:
     p = commands.add_parser("embed", help="export image and text embeddings of a corpus as .npy shards",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
-    p.add_argument("--data", required=True,
-                   help="the corpus: a CSV/TSV/JSONL/parquet table, a saved or imagefolder dataset, hf:NAME, or "
-                        "emoji:SPLIT (the offline demo corpus)")
+    add_model_option(p)
+    add_corpus_options(p)
     p.add_argument("--out", required=True, help="output folder (created; rerun with the same one to resume)")
     p.add_argument("--modality", choices=("image", "text", "both"), default="both",
                    help="which embeddings to export (default: both)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="storage type of the embeddings (default: float16)")
     p.add_argument("--shard-size", type=int, default=10_000, help="corpus rows per shard (default: 10000)")
-    p.add_argument("--batch-size", type=int, default=256, help="images / captions per forward pass (default: 256)")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="image decoding processes per export process (default: 4; 0 decodes in the main one)")
-    p.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
-    p.add_argument("--caption-column", default="caption",
-                   help="caption column of a table or dataset; several as a comma-separated list, e.g. "
-                        "caption_1,caption_2 (default: caption)")
-    p.add_argument("--split", default=None, help="split of a dataset folder or hf:NAME (default: train)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_batch_options(p, workers=4, what="per export process")
+    add_progress_option(p)
     p.set_defaults(run=run)
 
 
@@ -66,26 +59,17 @@ def _console_logging(rank: int, is_main: bool) -> Iterator[None]:
         root.setLevel(old_level)
 
 
-def data_spec(args, data) -> str:
-    """What an export was made from, for the resume check: the data and how it was read (another split
-    or caption column with the same row count must not reuse old shards)."""
-    return (f"{args.data}|split={args.split}|image_column={data.image_column}"
-            f"|caption_column={data.caption_column}")
-
-
 def run(args) -> int:
     import torch
     from accelerate import Accelerator
 
     from ..config import DataConfig
     from ..models import load_model
-    from ..retrieval.embeddings import MANIFEST_NAME, export_embeddings
-    from ..training.data import open_named_corpus
+    from ..retrieval.embedding_set import MANIFEST_NAME
+    from ..retrieval.embeddings import export_embeddings
+    from ..data.named import data_spec, open_named_corpus, parse_caption_columns
 
-    captions = [c.strip() for c in args.caption_column.split(",") if c.strip()]
-    if not captions:
-        raise ValueError("--caption-column: give a column name (or several, comma-separated)")
-    data = DataConfig(image_column=args.image_column, caption_column=captions[0] if len(captions) == 1 else captions)
+    data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
     # cpu=True when there is no GPU is what lets `accelerate launch` run gloo processes on a CPU box.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -95,7 +79,7 @@ def run(args) -> int:
             corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
         was_finished = (Path(args.out) / MANIFEST_NAME).is_file()
-        emb = export_embeddings(model, corpus, args.out, spec=str(args.model), data_spec=data_spec(args, data),
+        emb = export_embeddings(model, corpus, args.out, spec=str(args.model), data_spec=data_spec(args.data, args.split, data),
                                 modalities=modalities, dtype=args.dtype, shard_size=args.shard_size,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 progress=not args.no_progress, accelerator=accelerator)

@@ -6,18 +6,27 @@ import argparse
 import math
 from pathlib import Path
 
+from .options import (
+    add_batch_options,
+    add_corpus_options,
+    add_image_column_option,
+    add_model_option,
+    add_progress_option,
+    add_split_option,
+)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    add_model_option(p)
     p.add_argument("--label-column", default="label", help="label column of a table or dataset (default: label)")
-    p.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
-    p.add_argument("--split", default=None, help="split of a Hugging Face dataset")
+    add_image_column_option(p)
+    add_split_option(p)
     p.add_argument("--classnames", default=None,
                    help="class names: a .txt (one label per line, optionally 'label<TAB>readable name'), a .json "
                         "list or {label: name}, or a comma-separated list (default: the labels found)")
-    p.add_argument("--batch-size", type=int, default=256)
+    add_batch_options(p)
     p.add_argument("--output", default=None, help="JSON file to write (default: print only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(p)
 
 
 def add_parser(commands) -> None:
@@ -44,21 +53,16 @@ def add_parser(commands) -> None:
                                      "(an image finds any of its captions) for k = 1, 5, 10, mean and median rank, and "
                                      "chance levels, computed exactly. DATA: a CSV/TSV/JSONL/parquet with image and "
                                      "caption columns, a Hugging Face dataset folder / hf:NAME, or emoji:SPLIT.")
-    t.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
-    t.add_argument("--data", required=True, help="the image-caption corpus (see above)")
-    t.add_argument("--image-column", default="image", help="image column of a table or dataset (default: image)")
-    t.add_argument("--caption-column", default="caption",
-                   help="caption column; a cell may hold a list of captions; several columns comma-separated, e.g. "
-                        "caption_0,caption_1 (default: caption)")
-    t.add_argument("--split", default=None, help="split of a Hugging Face dataset")
-    t.add_argument("--batch-size", type=int, default=256)
+    add_model_option(t)
+    add_corpus_options(t, data_help="the image-caption corpus (see above)")
+    add_batch_options(t)
     t.add_argument("--rerank-itm", type=int, default=None, metavar="K",
                    help="also re-rank each query's top K by embedding with the model's image-text matching head "
                         "and report two re-ranked recalls: itm_reranked_* (by the match probability alone, as "
                         "ALBEF evaluates) and itm_itc_reranked_* (match probability times the contrastive "
                         "softmax) (models trained with fusion heads only)")
     t.add_argument("--output", default=None, help="JSON file to write (default: print only)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(t)
     t.set_defaults(run=run_retrieval)
 
     r = tasks.add_parser("run", help="run an evaluation suite (eval/suites/*.yaml)",
@@ -66,9 +70,9 @@ def add_parser(commands) -> None:
                                      "summary.csv into --out. Optional tasks whose data is not installed are skipped "
                                      "with the reason.")
     r.add_argument("suite", help="suite YAML, e.g. eval/suites/demo.yaml")
-    r.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml or open_clip:ARCH[/TAG]")
+    add_model_option(r)
     r.add_argument("--out", default=None, help="output folder (default: results/eval/<suite>/<model folder name>)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(r)
     r.set_defaults(run=run_suite)
 
     b = tasks.add_parser("bias", help="bias probes: association, harmful labels, per-group gaps, retrieval skew",
@@ -79,7 +83,7 @@ def add_parser(commands) -> None:
                                      "Holm-adjusted permutation p-value and its control p-value (the same statistic "
                                      "with random control words in place of the sensitive texts) are both "
                                      "below the probe's alpha. Writes report.json, summary.md and report.png.")
-    b.add_argument("--model", required=True, help="checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME")
+    add_model_option(b)
     b.add_argument("--probe", required=True, help="probe YAML, e.g. eval/probes/emoji-skin-tone.yaml")
     b.add_argument("--out", default=None, help="output folder (default: results/bias/<probe>/<model folder name>)")
     b.add_argument("--permutations", type=int, default=None, help="permutations per test (default: the probe's, or 10000)")
@@ -91,7 +95,7 @@ def add_parser(commands) -> None:
                         "tokenizer vocabulary ('a harvest', one token each, as most sensitive words are); "
                         "default: the probe's control_words, or pseudo")
     b.add_argument("--seed", type=int, default=None, help="seed of permutations, resamples and control draws")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(b)
     b.set_defaults(run=run_bias)
 
     for name, helptext in (("linear-probe", "logistic regression on frozen image features"),
@@ -108,7 +112,7 @@ def add_parser(commands) -> None:
 
 
 def _finish(args, result: dict) -> int:
-    from ..evaluation.tasks import write_json
+    from ..io import write_json
 
     m = result["metrics"]
     fmt = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else f"{100 * v:.1f}%"
@@ -173,16 +177,14 @@ def _dataset_name(spec: str) -> str:
 
 def run_retrieval(args) -> int:
     from ..config import DataConfig
-    from ..evaluation.tasks import evaluate_retrieval, write_json
+    from ..evaluation.tasks import evaluate_retrieval
+    from ..io import write_json
     from ..models import load_model
-    from ..training.data import open_named_corpus
+    from ..data.named import open_named_corpus, parse_caption_columns
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    captions = [c.strip() for c in args.caption_column.split(",") if c.strip()]
-    if not captions:
-        raise ValueError("--caption-column is empty: name the caption column(s), e.g. --caption-column caption")
-    data = DataConfig(image_column=args.image_column, caption_column=captions[0] if len(captions) == 1 else captions)
+    data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
     corpus = open_named_corpus(args.data, data, args.split)
     model = load_model(args.model)
     result = evaluate_retrieval(model, corpus, args.batch_size, progress=not args.no_progress,

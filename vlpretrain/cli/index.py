@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .options import CORPUS_HELP, add_batch_options, add_corpus_options, add_model_option, add_progress_option
+
 
 def add_parser(commands) -> None:
     p = commands.add_parser("index", help="build, grow, query and describe FAISS retrieval indexes",
@@ -28,11 +30,10 @@ def add_parser(commands) -> None:
                     "are exported first and kept in OUT/embeddings (staged in OUT.embeddings-partial, so an\n"
                     "interrupted export resumes when the command is run again).")
     b.add_argument("embeddings", nargs="*", metavar="EMB_DIR", help="embedding folders written by `vlp embed`")
-    b.add_argument("--model", default=None, help="embed --data with this model first (checkpoint folder, recipe "
-                                                  ".yaml or open_clip:ARCH[/TAG])")
-    b.add_argument("--data", default=None, help="the corpus to embed with --model (CSV/JSONL/parquet, dataset "
-                                                 "folder, hf:NAME, emoji:SPLIT)")
-    b.add_argument("--split", default=None, help="split of a Hugging Face dataset given as --data")
+    add_model_option(b, required=False, help="embed --data with this model first (checkpoint folder, recipe "
+                                             ".yaml, open_clip:ARCH[/TAG] or hf:NAME)")
+    add_corpus_options(b, data_help="the corpus to embed with --model (" + CORPUS_HELP + ")", required=False,
+                       columns=False)
     b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
                    help="index kind (default: auto, chosen from size and memory budget)")
@@ -42,9 +43,8 @@ def add_parser(commands) -> None:
                    help="what the index holds: image embeddings (search images by text or image) or caption "
                         "embeddings (default: image)")
     b.add_argument("--seed", type=int, default=0, help="seed of training sample and recall queries (default: 0)")
-    b.add_argument("--batch-size", type=int, default=256, help="embedding batch size with --model (default: 256)")
-    b.add_argument("--num-workers", type=int, default=0, help="image decoding workers with --model (default: 0)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_batch_options(b, workers=0, what="with --model")
+    add_progress_option(b)
     b.set_defaults(run=run_build)
 
     a = actions.add_parser("add", help="add embedding folders to an existing index",
@@ -53,7 +53,7 @@ def add_parser(commands) -> None:
                                        "is measured again, and the folder is rewritten atomically.")
     a.add_argument("index", metavar="INDEX_DIR")
     a.add_argument("embeddings", nargs="+", metavar="EMB_DIR")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_option(a)
     a.set_defaults(run=run_add)
 
     q = actions.add_parser("query", help="search an index by text or image",
@@ -63,8 +63,7 @@ def add_parser(commands) -> None:
     what.add_argument("--text", default=None, help="query text")
     what.add_argument("--image", default=None, metavar="PATH", help="query image file")
     q.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
-    q.add_argument("--model", default=None,
-                   help="model that embeds the query (default: the model spec stored with the index)")
+    add_model_option(q, required=False, help="model that embeds the query (default: the model spec stored with the index)")
     q.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="re-score the top K hits with the model's image-text matching head and re-sort them "
                         "(models trained with fusion heads; text queries on an image index read the hit images "
@@ -119,16 +118,14 @@ def run_build(args) -> int:
         from ..config import DataConfig
         from ..models import load_model
         from ..retrieval.faiss_index import parse_memory
-        from ..training.data import open_named_corpus
+        from ..data.named import data_spec, open_named_corpus
 
         parse_memory(args.memory_budget)  # a typo fails before loading the model
-        from .embed import data_spec
-
         data = DataConfig()
         corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
         index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model),
-                                                 data_spec=data_spec(args, data),
+                                                 data_spec=data_spec(args.data, args.split, data),
                                                  batch_size=args.batch_size, num_workers=args.num_workers, **options)
     print(_summary(index))
     _print_warnings(index.info)

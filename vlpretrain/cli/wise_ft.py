@@ -63,6 +63,7 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def run(args) -> int:
+    from ..io import check_replaceable
     from ..models.dual_encoder import CONFIG_NAME
     from ..training.wise_ft import check_alpha, interpolate_weights, wise_ft_sweep
 
@@ -72,8 +73,7 @@ def run(args) -> int:
         check_alpha(args.alpha)
         out = Path(args.out)
         # save_pretrained replaces the folder: never a folder that holds something else.
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
-            raise ValueError(f"--out {out}: exists and is not a vlpretrain checkpoint folder; choose a new folder")
+        check_replaceable(out, [CONFIG_NAME], "vlpretrain checkpoint folder", "choose a new folder", name=f"--out {out}")
         model = interpolate_weights(args.zeroshot, args.finetuned, args.alpha)
         model.save_pretrained(out)
         print(f"written: {out} (alpha {args.alpha:g}: {1 - args.alpha:g} x {args.zeroshot} + "

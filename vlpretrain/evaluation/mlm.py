@@ -21,7 +21,7 @@ def masked_token_accuracy(model, corpus, captions: Sequence[str], text_to_image:
     """
     from tqdm.auto import tqdm
 
-    from ..losses.albef import mask_tokens
+    from ..models.fusion_sampling import mask_tokens
     from ..models.tower_tokens import text_features_and_tokens
     from ..inference import corpus_image_loader, eval_mode
 

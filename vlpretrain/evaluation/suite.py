@@ -77,7 +77,8 @@ def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Uni
     """Run every task of a suite; writes ``OUT/<task>.json``, ``OUT/summary.md`` and ``OUT/summary.csv``."""
     from ..data.labelled import open_labelled_images
     from ..data.rendered import MissingSourceError
-    from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, write_json
+    from ..io import write_json
+    from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
 
     suite = load_suite(suite_path)
     out_dir = Path(out_dir)
@@ -89,7 +90,7 @@ def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Uni
         try:
             if kind == "retrieval":
                 from ..config import DataConfig
-                from ..training.data import open_named_corpus
+                from ..data.named import open_named_corpus
 
                 data_cfg = DataConfig(image_column=columns["image_column"],
                                       caption_column=task.get("caption_column", "caption"))

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from ..data.labelled import LabelledImages
+from ..inference import corpus_image_loader, encode_corpus, encode_images
 from .classification_metrics import classification_metrics
 from .classnames import load_classnames, match_labels
 
@@ -21,21 +19,6 @@ def report(dataset: str, model: str, task: str, metrics: dict, pretrained: str =
            **extra: Any) -> dict:
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
             "language": language, **extra}
-
-
-def write_json(data: dict, path: Union[str, Path]) -> Path:
-    """Write JSON atomically (NaN stays NaN, as CLIP_benchmark writes acc5 below 5 classes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)  # no stray temp file beside the JSON
-        raise
-    return path
 
 
 def evaluate_zeroshot(model, data: LabelledImages, classnames: Union[None, str, Sequence[str], dict] = None,
@@ -104,18 +87,6 @@ def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Union
     return path
 
 
-def encode_labelled(model, data: LabelledImages, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """Normalized image features of a labelled set, in order."""
-    from .zeroshot import encode_images
-
-    was_training = model.training
-    model.eval()
-    try:
-        return encode_images(model, data.images, batch_size, progress)
-    finally:
-        model.train(was_training)
-
-
 def _train_test(model, train: LabelledImages, test: LabelledImages, classnames, batch_size, progress):
     names = load_classnames(classnames)
     if names is None:
@@ -125,8 +96,8 @@ def _train_test(model, train: LabelledImages, test: LabelledImages, classnames, 
     if unknown:
         raise ValueError(f"{test.name}: labels {unknown[:5]} do not occur in the training set {train.name}")
     index = {k: i for i, k in enumerate(keys)}
-    train_features = encode_labelled(model, train, batch_size, progress)
-    test_features = encode_labelled(model, test, batch_size, progress)
+    train_features = encode_images(model, train.images, batch_size, progress=progress)
+    test_features = encode_images(model, test.images, batch_size, progress=progress)
     return keys, train_features, torch.tensor(train_targets), test_features, torch.tensor([index[l] for l in test.labels])
 
 
@@ -184,7 +155,6 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
         >>> corpus = open_named_corpus("emoji:test", DataConfig())
         >>> evaluate_retrieval(model, corpus, dataset_name="emoji-test")["metrics"]["image_retrieval_recall@5"]
     """
-    from .features import encode_corpus
     from .retrieval import retrieval_metrics
 
     if rerank_itm is not None:
@@ -201,7 +171,7 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"], ks=ks)
     metrics["bad_images"] = len(feats["bad_images"])
     if rerank_itm is not None:
-        from .rerank import corpus_image_loader, reranked_retrieval_metrics
+        from .rerank import reranked_retrieval_metrics
 
         metrics.update(reranked_retrieval_metrics(
             model, corpus_image_loader(corpus, model.preprocess), feats["captions"], feats["image_features"],

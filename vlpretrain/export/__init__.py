@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from .folder import MARKER_NAME, check_destination, read_marker, write_folder_atomically, write_marker
+from ..io import write_folder_atomically
+from .folder import MARKER_NAME, check_destination, read_marker, write_marker
 from .hf_clip_format import check_hf_convertible, write_hf_clip
 from .open_clip_format import check_open_clip_exportable, write_open_clip
 

@@ -1,5 +1,6 @@
-"""Where an export lands: a fresh folder written beside the target and swapped in only when complete.
+"""Where an export lands: which folders an export may replace, and the marker that tells them apart.
 
+The folder itself is written beside the target and swapped in whole (``vlpretrain.io.write_folder_atomically``).
 An export folder carries ``vlp_export.json`` (format, source, version). It tells a previous export,
 which a new one may replace, from any other folder, which is kept unless the caller forces it.
 """
@@ -7,13 +8,8 @@ which a new one may replace, from any other folder, which is kept unless the cal
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional
-
-from ..models.dual_encoder import replace_directory
+from typing import Optional
 
 MARKER_NAME = "vlp_export.json"
 
@@ -38,28 +34,6 @@ def check_destination(out_dir: Path, force: bool = False, source: Optional[Path]
         return
     raise ValueError(f"{out_dir}: folder is not empty and is not a previous export (no {MARKER_NAME}); "
                      f"pass --force to replace it")
-
-
-def write_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary folder beside ``out_dir``, then move it into place.
-
-    A failure anywhere in ``write`` removes the temporary folder and leaves ``out_dir`` as it was.
-
-    Example:
-        >>> write_folder_atomically(Path("exports/x"), lambda tmp: (tmp / "a.txt").write_text("hi"))
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        # mkdtemp makes a private (0700) folder; an export is meant to be shared like any new folder.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        write(tmp)
-        replace_directory(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def write_marker(directory: Path, values: dict) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from ..io import write_folder_atomically
 
 CONFIG_NAME = "vlp_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -214,7 +213,7 @@ class DualEncoder(nn.Module):
         with a generator seeded identically on every rank (seed + the module's step counter).
         """
         from ..distributed import get_rank
-        from ..losses.albef import mask_tokens
+        from .fusion_sampling import mask_tokens
         from .fusion import SAMPLING_SEED
         from .tower_tokens import image_features_and_tokens, text_features_and_tokens
 
@@ -255,7 +254,7 @@ class DualEncoder(nn.Module):
                    text_padding: torch.Tensor, tokens: torch.Tensor, image_ids: Optional[torch.Tensor],
                    generator: torch.Generator) -> dict[str, torch.Tensor]:
         from ..distributed import all_gather_no_grad, all_gather_with_grad
-        from ..losses.albef import negative_pairs
+        from .fusion_sampling import caption_keys, negative_pairs
 
         settings = self.fusion.settings
         across = settings.negatives_from == "global"
@@ -314,25 +313,10 @@ class DualEncoder(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            write_model_files(self, tmp)
-            replace_directory(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return write_folder_atomically(Path(directory), lambda tmp: write_model_files(self, tmp))
 
 
 ITM_MISSING = "this model has no ITM fusion head (train one with model.fusion and loss.name albef)"
-
-
-def caption_keys(tokens: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 hash of each token row: equal captions get equal keys, on every process (fixed weights)."""
-    weights = torch.randint(1, 2 ** 31 - 1, (tokens.shape[1],), generator=torch.Generator().manual_seed(17))
-    # Integer overflow wraps around, which is harmless for a hash.
-    return (tokens.long() * weights.to(tokens.device)).sum(1)
 
 
 def _mask_and_special_ids(tokenizer: Any, pad_id: int) -> tuple[Optional[int], set[int]]:
@@ -371,15 +355,3 @@ def write_model_files(model: DualEncoder, directory: Path, state_dict: Optional[
     save_support_files = getattr(model.clip, "save_support_files", None)
     if save_support_files is not None:
         save_support_files(directory / HF_SUPPORT_DIR)
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move ``src`` into place as ``dst``; an existing ``dst`` is swapped out, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

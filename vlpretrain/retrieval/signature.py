@@ -12,22 +12,16 @@ from typing import Any, Optional
 
 import torch
 
+from ..inference import encode_texts
+
 __all__ = ["model_signature", "check_same_model", "signature_cosine", "PROBE_TEXTS", "PROBE_MIN_COSINE"]
 
 PROBE_TEXTS = ("a photo of a dog", "red heart", "grinning face", "a map of the world", "flag: france")
 PROBE_MIN_COSINE = 0.99
 
 
-@torch.no_grad()
 def _probe_embeddings(model) -> torch.Tensor:
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.encode_text(model.tokenizer(list(PROBE_TEXTS)).to(device)).float().cpu()
-    finally:
-        model.train(was_training)
-    return torch.nn.functional.normalize(features, dim=-1)
+    return encode_texts(model, list(PROBE_TEXTS))
 
 
 def model_signature(model, spec: Optional[str] = None) -> dict[str, Any]:

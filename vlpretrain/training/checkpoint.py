@@ -7,11 +7,12 @@ Each checkpoint folder also holds ``vlp_config.json``, so ``vlpretrain.load_mode
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from ..io import replace_folder
 
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -51,7 +52,11 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def save_checkpoint(accelerator, model, output_dir: str | Path, state: dict, keep: int = 2) -> Path:
-    """Every process calls this. Writes into a temporary folder, then renames it into place."""
+    """Every process calls this. Writes into a temporary folder, then swaps it into place.
+
+    The temporary folder has a fixed name (``.tmp_step_N``) rather than a random one, so every process
+    finds the folder the main process made without a broadcast.
+    """
     from ..models.dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR
 
     root = checkpoint_root(output_dir)
@@ -70,9 +75,7 @@ def save_checkpoint(accelerator, model, output_dir: str | Path, state: dict, kee
         if save_support_files is not None:  # a transformers model: tokenizer + processor, so the folder stands alone
             save_support_files(tmp / HF_SUPPORT_DIR)
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # a checkpoint saved again at the same step is swapped whole
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -11,14 +11,13 @@ import copy
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from ..config import ModelConfig
+from ..io import atomic_write, write_json, write_text
 from ..models.dual_encoder import DualEncoder
 
 ModelSpec = Union[DualEncoder, str, Path, ModelConfig]
@@ -155,21 +154,6 @@ def main_metric(report: dict) -> tuple[str, dict[str, float], Optional[float]]:
     return _CLASSIFICATION_METRIC, {_CLASSIFICATION_METRIC: m[_CLASSIFICATION_METRIC], "acc1": m.get("acc1")}, chance
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` then rename over ``path``: a crash leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _readable(metric: str) -> str:
     return _READABLE.get(metric, metric)
 
@@ -196,7 +180,7 @@ def _write_csv(summary: dict, path: Path) -> None:
     writer = csv.writer(buffer)
     writer.writerow(["alpha"] + tasks)
     writer.writerows([[_alpha_name(row[0])] + [_pct(v, 2) for v in row[1:]] for row in rows])
-    _atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_text(path, buffer.getvalue())
 
 
 def _write_markdown(summary: dict, path: Path) -> None:
@@ -213,7 +197,7 @@ def _write_markdown(summary: dict, path: Path) -> None:
     lines.append("| best alpha | " + " | ".join(best_alphas) + " |")
     skipped = {t: r for entry in summary["results"] for t, r in entry["skipped"].items()}
     lines += [f"\nskipped {task}: {reason}" for task, reason in skipped.items()]
-    _atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _write_plot(summary: dict, path: Path) -> None:
@@ -245,7 +229,7 @@ def _write_plot(summary: dict, path: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot, never over a line
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -265,7 +249,6 @@ def wise_ft_sweep(zeroshot: ModelSpec, finetuned: ModelSpec, alphas: Sequence[fl
         >>> summary["best"]["emoji-categories"]["alpha"]
     """
     from ..evaluation.suite import load_suite, run_suite
-    from ..evaluation.tasks import write_json
 
     values = [check_alpha(a) for a in alphas]
     if not values:
