@@ -12,7 +12,8 @@ from PIL import Image
 
 from vlpretrain.cli.main import main
 from vlpretrain.models import build_model, load_model
-from vlpretrain.training.wise_ft import interpolate_weights, main_metric, wise_ft_sweep
+from vlpretrain.evaluation.wise_ft import main_metric, wise_ft_sweep
+from vlpretrain.models.weight_interpolation import interpolate_weights
 
 from helpers import TINY_VISION, tiny_model_config, write_image_csv
 

@@ -65,7 +65,8 @@ def parse_alphas(text: str) -> list[float]:
 def run(args) -> int:
     from ..io import check_replaceable
     from ..models.dual_encoder import CONFIG_NAME
-    from ..training.wise_ft import check_alpha, interpolate_weights, wise_ft_sweep
+    from ..evaluation.wise_ft import wise_ft_sweep
+    from ..models.weight_interpolation import check_alpha, interpolate_weights
 
     if args.alpha is not None:
         if args.suite or args.keep_checkpoints:
