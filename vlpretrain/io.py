@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 __all__ = [
-    "atomic_write", "write_text", "write_json", "read_json", "read_manifest", "temp_folder_beside",
+    "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "read_json", "read_manifest", "temp_folder_beside",
     "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder", "check_replaceable",
 ]
 
@@ -111,6 +111,33 @@ def write_json(data: Any, path: PathLike) -> Path:
         PosixPath('results/zs.json')
     """
     return write_text(path, json.dumps(data, indent=2))
+
+
+def write_csv(path: PathLike, header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write a CSV table (a header row, then ``rows``) atomically.
+
+    Example:
+        >>> write_csv("results/summary.csv", ["task", "acc1"], [["emoji", 0.42]])
+        PosixPath('results/summary.csv')
+    """
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as a PNG atomically.
+
+    Example:
+        >>> save_figure(fig, "results/curve.png", dpi=100)
+        PosixPath('results/curve.png')
+    """
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
 
 
 def read_json(path: PathLike, advice: str = "") -> Any:

@@ -20,7 +20,6 @@ Suite format (paths relative to the suite file)::
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from ..io import write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Uni
     """Run every task of a suite; writes ``OUT/<task>.json``, ``OUT/summary.md`` and ``OUT/summary.csv``."""
     from ..data.labelled import open_labelled_images
     from ..data.rendered import MissingSourceError
-    from ..io import write_json
     from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
 
     suite = load_suite(suite_path)
@@ -155,13 +155,9 @@ def write_summary(result: SuiteResult, suite_name: str, model_name: str, out_dir
         rows.append([name, report["task"], report["dataset"], m["num_samples"], m["num_classes"], _pct(m["acc1"]),
                      _pct(m["acc5"]), _pct(m["mean_per_class_recall"]), _pct(1 / m["num_classes"]),
                      _pct(spread.get("min")), _pct(spread.get("max")), "", "", ""])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_csv(out_dir / "summary.csv", header, rows)
     lines = [f"# {suite_name}: {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     for name, reason in result.skipped.items():
         lines.append(f"\nskipped {name}: {reason}")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "summary.md", "\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..data.labelled import LabelledImages
+from ..io import save_figure
 from ..inference import corpus_image_loader, encode_corpus, encode_images
 from .classification_metrics import classification_metrics
 from .classnames import load_classnames, match_labels
@@ -80,11 +81,9 @@ def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Union
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _train_test(model, train: LabelledImages, test: LabelledImages, classnames, batch_size, progress):

@@ -9,13 +9,11 @@ Example:
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..io import atomic_write, write_json, write_text
+from ..io import save_figure, write_csv, write_json, write_text
 from ..models.dual_encoder import DualEncoder
 from ..models.weight_interpolation import (
     ModelSpec,
@@ -70,11 +68,7 @@ def _table(summary: dict) -> tuple[list[str], list[list[Optional[float]]]]:
 
 def _write_csv(summary: dict, path: Path) -> None:
     tasks, rows = _table(summary)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["alpha"] + tasks)
-    writer.writerows([[alpha_name(row[0])] + [_pct(v, 2) for v in row[1:]] for row in rows])
-    write_text(path, buffer.getvalue())
+    write_csv(path, ["alpha"] + tasks, [[alpha_name(row[0])] + [_pct(v, 2) for v in row[1:]] for row in rows])
 
 
 def _write_markdown(summary: dict, path: Path) -> None:
@@ -123,7 +117,7 @@ def _write_plot(summary: dict, path: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot, never over a line
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
+        save_figure(fig, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
 
