@@ -1,5 +1,27 @@
+"""Fixtures shared by several test modules (plain helper functions are in helpers.py)."""
+
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained dual encoder (seed 0) saved as a checkpoint folder, built once per test run.
+    Read-only: a test that writes into it copies it into its tmp_path first."""
+    import torch
+
+    from vlpretrain.models import build_model
+
+    from helpers import tiny_model_config
+
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    with torch.random.fork_rng(devices=[]):  # seeded without moving the random state of the test that asked first
+        torch.manual_seed(0)
+        build_model(tiny_model_config()).save_pretrained(path)
+    return path

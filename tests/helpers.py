@@ -1,13 +1,21 @@
-"""Shared test fixtures: tiny models and corpora that build in well under a second."""
+"""Shared test helpers: tiny models and corpora that build in well under a second, a two-process gloo
+runner, a metrics.jsonl reader and a training run cut short at a given step. (Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from vlpretrain.config import ModelConfig
+from vlpretrain.config import ModelConfig, RecipeConfig
 
 TINY_VISION = {"image_size": 32, "width": 32, "layers": 1, "patch_size": 8, "head_width": 16}
 TINY_TEXT = {"width": 32, "layers": 1, "heads": 2, "context_length": 16}
@@ -44,3 +52,69 @@ def write_image_csv(folder: Path, n: int, name: str = "pairs.csv", seed: int = 0
     path = folder / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def vlp(*args: str) -> subprocess.CompletedProcess:
+    """Run the ``vlp`` command line in a fresh Python process and capture its text output.
+
+    Example: ``proc = vlp("eval", "zeroshot", "--model", str(checkpoint), ...); assert proc.returncode == 0``
+    """
+    return subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", *args], capture_output=True, text=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records a training run logged to ``run_dir/metrics.jsonl``, in order.
+
+    Example: ``steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]``
+    """
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupt_at_step` inside the trainer, as if the job were killed there."""
+
+
+def interrupt_at_step(recipe: RecipeConfig, step: int) -> None:
+    """Train ``recipe`` and raise out of it right after optimizer step ``step``;
+    fails the test unless the run really reached that step.
+
+    Example: ``interrupt_at_step(recipe_from_dict(tiny_recipe(out, csv, checkpoint_every=3)), 4)``
+    """
+    from vlpretrain.training import train  # imported here: most test modules never train
+
+    def stop(at: int) -> None:
+        if at == step:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(recipe, on_step=stop)
+
+
+def spawn_gloo(fn: Callable[..., Any], world_size: int, *args) -> Any:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by a gloo process group
+    and return what rank 0's call returned (anything torch.save can write).
+
+    ``fn`` must be a module-level function (spawned processes import it by name). Each process uses one
+    thread, so two of them fit on 2 cores.
+
+    Example: ``two = spawn_gloo(_worker, 2)`` with ``def _worker(rank, world): ... return {"loss": loss}``
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_gloo_process, args=(world_size, folder, fn, args), nprocs=world_size, join=True)
+        return torch.load(Path(folder) / "rank0.pt")
+
+
+def _gloo_process(rank: int, world_size: int, folder: str, fn: Callable[..., Any], args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, Path(folder) / "rank0.pt")
+        dist.barrier()  # rank 0's file is complete before any process leaves the group
+    finally:
+        dist.destroy_process_group()

@@ -339,6 +339,7 @@ def _worker(rank: int, world: int) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_two_processes_with_global_negatives_equal_one_process():
     two = spawn_gloo(_worker, 2)
     for distill in (False, True):

@@ -14,6 +14,7 @@ from vlpretrain.retrieval.faiss_index import factory_string, parse_memory
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_results(tmp_path):
     out = tmp_path / "bench" / "bench_index.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_index.py"), "--quick", "--threads", "2",

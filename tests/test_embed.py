@@ -268,6 +268,7 @@ def test_bad_image_keeps_its_row_with_a_zero_vector(tmp_path, model, caplog):
     assert str(tmp_path / "images" / "img2.png") in message
 
 
+@pytest.mark.slow
 def test_two_processes_export_like_one(tmp_path, checkpoint, reset_accelerate):
     csv_path = write_corpus(tmp_path, 9, bad=(2,))
     common = ["--model", str(checkpoint), "--data", str(csv_path), "--shard-size", "2", "--batch-size", "2",

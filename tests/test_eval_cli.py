@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,11 @@ from PIL import Image
 
 from vlpretrain.data import rendered
 from vlpretrain.evaluation.suite import run_suite
-from vlpretrain.models import build_model, load_model
+from vlpretrain.models import load_model
 
-from helpers import tiny_model_config
+from helpers import vlp
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    build_model(tiny_model_config()).save_pretrained(path)
-    return path
 
 
 def _class_folders(root: Path, per_class: int = 4) -> Path:
@@ -45,10 +36,7 @@ def _table(root: Path, name: str) -> Path:
     return root / f"{name}.csv"
 
 
-def vlp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", *args], capture_output=True, text=True)
-
-
+@pytest.mark.slow
 def test_zeroshot_on_class_folders_writes_json_and_png(tmp_path, checkpoint):
     data = _class_folders(tmp_path / "data")
     out, png = tmp_path / "zs.json", tmp_path / "cm.png"
@@ -65,6 +53,7 @@ def test_zeroshot_on_class_folders_writes_json_and_png(tmp_path, checkpoint):
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, args, message", [
     ("folders", ["--templates", "openai_imagnet"], "unknown template set 'openai_imagnet'"),
     ("folders", ["--classnames", "red,green"], "labels 'blue' are not among the 2 class names (mismatched label names?)"),
@@ -86,6 +75,7 @@ def test_zeroshot_errors_are_one_line(tmp_path, checkpoint, setup, args, message
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["linear-probe", "knn"])
 def test_linear_probe_and_knn_on_tables(tmp_path, checkpoint, task):
     train, test = _table(tmp_path, "fit"), _table(tmp_path, "score")
@@ -119,6 +109,7 @@ tasks:
     assert (tmp_path / "out" / "summary.csv").read_text().startswith("task,kind,dataset")
 
 
+@pytest.mark.slow
 def test_readme_zero_shot_example_runs_as_written(tmp_path, checkpoint, monkeypatch):
     """The README's Python example, with the demo checkpoint swapped for a tiny one."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,9 @@ from PIL import Image
 from vlpretrain.cli.main import main
 from vlpretrain.evaluation.retrieval import retrieval_metrics
 from vlpretrain.evaluation.tasks import evaluate_retrieval
-from vlpretrain.models import build_model, load_model
+from vlpretrain.models import load_model
 
-from helpers import tiny_model_config, write_image_csv
+from helpers import vlp, write_image_csv
 
 KS = (1, 5, 10)
 CLIP_BENCHMARK_KEYS = {"dataset", "model", "pretrained", "task", "metrics", "language"}
@@ -170,17 +168,6 @@ def test_matches_clip_benchmark_without_ties_several_captions():
 
 # --- the command line
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    build_model(tiny_model_config()).save_pretrained(path)
-    return path
-
-
-def vlp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", *args], capture_output=True, text=True)
-
-
 def _multi_caption_csv(folder: Path) -> tuple[Path, list[str], list[list[str]]]:
     """7 images; captions from a JSON-list cell plus an optional second column: 1-3 per image."""
     write_image_csv(folder, 7)
@@ -197,6 +184,7 @@ def _multi_caption_csv(folder: Path) -> tuple[Path, list[str], list[list[str]]]:
     return folder / "multi.csv", images, captions
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_clip_benchmark_json(tmp_path, checkpoint):
     table, image_paths, captions = _multi_caption_csv(tmp_path)
     assert sorted({len(c) for c in captions}) == [1, 2, 3]

@@ -135,8 +135,10 @@ def test_flat_is_exact(data):
     assert params == {} and recall == 1.0
 
 
-@pytest.mark.parametrize("kind,floor,param,n", [("hnsw", 0.9, "efSearch", 20_000), ("ivf", 0.9, "nprobe", 20_000),
-                                                ("ivfpq", 0.45, "nprobe", 10_000)])  # PQ training is the slow part
+@pytest.mark.parametrize("kind,floor,param,n", [
+    ("hnsw", 0.9, "efSearch", 20_000), ("ivf", 0.9, "nprobe", 20_000),
+    pytest.param("ivfpq", 0.45, "nprobe", 10_000, marks=pytest.mark.slow),  # PQ training is the slow part
+])
 def test_approximate_kinds_after_tuning(data, kind, floor, param, n):
     base, queries = data[0][:n], data[1]
     index = build_faiss_index(base, kind, memory_budget=GB, seed=0, progress=False)

@@ -15,7 +15,7 @@ from vlpretrain.models import build_model, load_model
 from vlpretrain.training import train
 from vlpretrain.training.optim import create_optimizer, create_scheduler, layer_id, layer_scales, parameter_groups
 
-from helpers import TINY_TEXT, TINY_VISION, tiny_model_config, write_image_csv
+from helpers import TINY_TEXT, TINY_VISION, read_metrics, tiny_model_config, write_image_csv
 
 ARCH = "vlp-test-tiny-vit"
 OTHER_ARCH = "vlp-test-tiny-vit-p16"
@@ -182,5 +182,4 @@ def test_finetune_from_open_clip_file_with_layer_decay(weights, tmp_path):
     # one block) at most a quarter of what the projection (scale 1) moves.
     assert 0 < change["visual.conv1.weight"] <= 2 * lr * decay ** 2 * 1.05
     assert 2 * lr * decay ** 2 * 1.05 < change["visual.proj"] <= 2 * lr * 1.05
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in records if "loss" in r][0] == pytest.approx(lr)  # group 0 is the base lr
+    assert [r["lr"] for r in read_metrics(tmp_path / "run") if "loss" in r][0] == pytest.approx(lr)  # group 0 is the base lr

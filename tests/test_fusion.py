@@ -492,6 +492,7 @@ def _global_worker(rank: int, world: int) -> dict:
     return {"logits": parts, "loss": loss / world, "grads": grads}
 
 
+@pytest.mark.slow
 def test_global_negatives_two_processes_equal_one_process():
     two = spawn_gloo(_global_worker, 2)
     images, tokens = _global_batch()

@@ -8,12 +8,11 @@ import open_clip
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from vlpretrain.losses import ContrastiveLoss, create_loss
 from vlpretrain.models import build_model
 
-from helpers import tiny_model_config
+from helpers import spawn_gloo, tiny_model_config
 
 GLOBAL_BATCH = 8
 
@@ -58,31 +57,22 @@ def _loss_and_grads(images, tokens):
     return loss.detach(), grads
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        images, tokens = _batch()
-        local = GLOBAL_BATCH // world
-        loss, grads = _loss_and_grads(images[rank * local:(rank + 1) * local], tokens[rank * local:(rank + 1) * local])
-        # Data-parallel training averages gradients (and reported losses) over ranks, as DDP does.
-        dist.all_reduce(loss)
-        loss /= world
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world
-        if rank == 0:
-            torch.save({"loss": loss, "grads": grads}, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    images, tokens = _batch()
+    local = GLOBAL_BATCH // world
+    loss, grads = _loss_and_grads(images[rank * local:(rank + 1) * local], tokens[rank * local:(rank + 1) * local])
+    # Data-parallel training averages gradients (and reported losses) over ranks, as DDP does.
+    dist.all_reduce(loss)
+    loss /= world
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= world
+    return {"loss": loss, "grads": grads}
 
 
-def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path):
-    out_file = str(tmp_path / "two.pt")
-    init_file = str(tmp_path / "init")
-    mp.spawn(_worker, args=(2, init_file, out_file), nprocs=2, join=True)
-    two = torch.load(out_file)
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_concatenated_batch():
+    two = spawn_gloo(_worker, 2)
     loss, grads = _loss_and_grads(*_batch())
     assert torch.allclose(two["loss"], loss, atol=1e-5), (two["loss"], loss)
     assert set(two["grads"]) == set(grads) and len(grads) > 10
