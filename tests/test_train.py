@@ -19,13 +19,9 @@ from vlpretrain.config import recipe_from_dict
 from vlpretrain.models import load_model
 from vlpretrain.training import train
 
-from helpers import tiny_recipe, write_image_csv
+from helpers import interrupt_at_step, read_metrics, tiny_recipe, vlp, write_image_csv
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
@@ -36,7 +32,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     cfg = recipe_from_dict(tiny_recipe(tmp_path / "run", csv, val, epochs=2))
     with caplog.at_level("WARNING"):
         result = train(cfg)
-    records = _records(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     steps = [r for r in records if "loss" in r]
     assert len(steps) == result.step == 2 * (13 // 4)  # 13 rows survive the missing-file check
     assert result.skipped_samples >= 1  # the corrupt image, each time the sampler reaches it
@@ -63,22 +59,14 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     settings = dict(epochs=2, checkpoint_every=3, keep_checkpoints=5)
     full = train(recipe_from_dict(tiny_recipe(tmp_path / "full", csv, **settings)))
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_4(step: int) -> None:
-        if step == 4:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **settings)), on_step=stop_at_4)
+    interrupt_at_step(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **settings)), 4)
     state = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
     assert not (tmp_path / "cut" / "final").exists()
 
     resumed = train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, resume="latest", **settings)))
     assert resumed.step == full.step == 10
-    steps = [r["step"] for r in _records(tmp_path / "cut") if "loss" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut") if "loss" in r]
     assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10]  # step 4 was redone after the interruption
     a = load_file(str(full.final_dir / "model.safetensors"))
     b = load_file(str(resumed.final_dir / "model.safetensors"))
@@ -87,6 +75,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_ema_averages_the_steps_weights_and_resumes_exactly(tmp_path):
     """train.ema_decay: final/ is the EMA of the weights after each step (a checkpoint per step gives
     them), final-online/ equals a run without EMA, and an interrupted run resumes to the same average."""
@@ -114,15 +103,7 @@ def test_ema_averages_the_steps_weights_and_resumes_exactly(tmp_path):
     for key in expected:
         assert torch.allclose(averaged[key].double(), expected[key], atol=1e-5), key
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(step: int) -> None:
-        if step == 5:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **ema_settings)), on_step=stop_at_5)
+    interrupt_at_step(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, **ema_settings)), 5)
     resumed = train(recipe_from_dict(tiny_recipe(tmp_path / "cut", csv, resume="latest", **ema_settings)))
     again = load_file(str(resumed.final_dir / "model.safetensors"))
     for key in averaged:
@@ -135,11 +116,11 @@ def test_ema_decay_out_of_range_is_an_error(tmp_path):
         train(recipe_from_dict(tiny_recipe(tmp_path / "run", csv, ema_decay=1.5)))
 
 
+@pytest.mark.slow
 def test_unknown_override_names_nearest_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", tmp_path / "x.csv")))
-    proc = subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", "train", str(recipe), "train.learning_rate=1"],
-                          capture_output=True, text=True)
+    proc = vlp("train", str(recipe), "train.learning_rate=1")
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("unknown key 'train.learning_rate' (did you mean 'train.lr'?)")
 
@@ -173,8 +154,8 @@ def test_two_processes_train_like_one_with_the_global_batch(tmp_path):
             width = a[key].shape[0] // 3
             a[key], b[key] = torch.cat([a[key][:width], a[key][2 * width:]]), torch.cat([b[key][:width], b[key][2 * width:]])
         assert torch.allclose(a[key], b[key], atol=1e-5), key
-    losses_two = [r["loss"] for r in _records(tmp_path / "two") if "loss" in r]
-    losses_one = [r["loss"] for r in _records(tmp_path / "one") if "loss" in r]
+    losses_two = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
+    losses_one = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
     assert len(losses_two) == len(losses_one) == 6
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
 
@@ -187,7 +168,7 @@ def test_fresh_run_refuses_to_mix_with_an_earlier_one(tmp_path):
         train(recipe_from_dict(recipe))
     recipe["train"]["overwrite"] = True
     train(recipe_from_dict(recipe))
-    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [1, 2]  # metrics started anew
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]  # metrics started anew
 
 
 def test_unknown_precision_is_an_error(tmp_path):
@@ -196,6 +177,7 @@ def test_unknown_precision_is_an_error(tmp_path):
         train(recipe_from_dict(recipe))
 
 
+@pytest.mark.slow
 def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
     """`vlp demo` with a tiny model and 3 steps: builds the corpus, trains, prints and saves recall."""
     env = dict(os.environ, VLP_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="2")

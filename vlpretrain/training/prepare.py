@@ -1,0 +1,211 @@
+"""Everything a run builds before its first step: the accelerator, model, objective, data, optimizer,
+schedule, EMA and momentum copies, all passed through Accelerate and registered for checkpointing.
+
+The order of the calls in :func:`prepare_run` is part of the run's numbers (the seed is set first, then
+each object draws from it in turn) and of its checkpoints (``register_for_checkpointing`` numbers the
+``custom_checkpoint_N`` files a resume reads back): keep it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import RecipeConfig
+from ..data.named import open_named_corpus
+from ..io import write_json
+from ..losses import create_loss
+from .checkpoint import list_checkpoints
+from .data import build_train_dataset
+from .optim import create_optimizer, create_scheduler
+from .start import build_start_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger("vlpretrain.train")
+
+
+@dataclass
+class PreparedRun:
+    """The objects one training run steps, as :func:`prepare_run` built them.
+
+    ``model`` is what Accelerate wrapped (call it, clip its gradients); ``unwrapped`` is the plain
+    module under it (clamp, update EMA from, save); ``scored`` is what validation scores and ``final/``
+    holds: the EMA weights when ``train.ema_decay`` is set, else ``unwrapped``.
+    """
+
+    cfg: RecipeConfig
+    accelerator: "Accelerator"
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    scored: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: Any
+    sampler: Any
+    loader: Any
+    val_corpus: Any
+    ema: Any  # timm ModelEmaV3 or None
+    momentum: Any  # ALBEF's momentum encoders (a ModelEmaV3) or None
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    distill_warmup: int
+
+    @property
+    def world(self) -> int:
+        """How many processes train together."""
+        return self.accelerator.num_processes
+
+    def epoch_loader(self, epoch: int, skip_batches: int = 0):
+        """The loader for ``epoch``, its first ``skip_batches`` batches skipped (a resumed epoch).
+
+        Example: ``for batch in run.epoch_loader(3): ...``
+        """
+        epoch_loader = self.loader
+        if skip_batches:
+            epoch_loader = self.accelerator.skip_first_batches(self.loader, skip_batches)
+        # Accelerate's loaders re-set the sampler's epoch from their own iteration count when
+        # iterated; setting it through them keeps the order a function of the epoch alone.
+        for target in (epoch_loader, self.sampler, self.dataset):
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
+        return epoch_loader
+
+    def log_summary(self) -> None:
+        """One log line: corpus, processes, batch, steps, trainable parameters, precision."""
+        tc = self.cfg.train
+        trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+        logger.info("training %s: %d pairs, %d processes x batch %d, %d steps/epoch, %d steps, "
+                    "%.1fM trainable parameters, precision %s", self.cfg.data.train, len(self.dataset), self.world,
+                    tc.batch_size, self.steps_per_epoch, self.total_steps, trainable / 1e6, tc.precision)
+
+
+def make_accelerator(cfg: RecipeConfig) -> "Accelerator":
+    """The run's Accelerator, with ``train.precision`` (fp32 / bf16 / fp16) as its mixed precision.
+
+    Example: ``accelerator = make_accelerator(load_recipe("recipes/demo-emoji.yaml"))``
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    # Accelerator(cpu=True) is what lets `accelerate launch --multi_gpu` run gloo processes on a CPU box.
+    precision = {"fp32": "no"}.get(cfg.train.precision, cfg.train.precision)
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.precision: '{cfg.train.precision}' is not one of no (fp32), bf16, fp16")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                       dataloader_config=DataLoaderConfiguration(even_batches=True))
+
+
+def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path) -> PreparedRun:
+    """Seed, check for an earlier run, write ``recipe.json``, then build and prepare every object of the run.
+
+    Example:
+        >>> run = prepare_run(cfg, make_accelerator(cfg), Path(cfg.train.output_dir))
+        >>> run.total_steps
+    """
+    from accelerate.utils import set_seed
+
+    from ..data import EpochPermutationSampler, collate_image_text
+
+    tc = cfg.train
+    set_seed(tc.seed)
+    world = accelerator.num_processes
+    _refuse_or_clear_earlier_run(cfg, accelerator, output_dir)
+    if accelerator.is_main_process:
+        write_json(cfg.to_dict(), output_dir / "recipe.json")
+
+    model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
+    loss_fn = _make_loss(cfg)
+    dataset = build_train_dataset(cfg.data, model, tc.seed)
+    if len(dataset) < tc.batch_size * world:
+        raise ValueError(f"data.train has {len(dataset)} pairs, fewer than one global batch "
+                         f"({tc.batch_size} x {world} processes): lower train.batch_size")
+    sampler = EpochPermutationSampler(len(dataset), seed=tc.seed)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_image_text,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    val_corpus = open_named_corpus(cfg.data.val, cfg.data, cfg.data.val_split) if cfg.data.val else None
+
+    optimizer = create_optimizer(model, tc)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    # Not passed through accelerator.prepare(): that steps it once per process per step; we step
+    # it once per optimizer step and let save_state / load_state carry it.
+    scheduler = create_scheduler(optimizer, tc, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = _make_ema(unwrapped, tc)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    momentum = _make_momentum_model(unwrapped, cfg)
+    if momentum is not None:
+        accelerator.register_for_checkpointing(momentum)
+    if any(True for _ in loss_fn.buffers()):  # the ITC queue: saved and restored with the run
+        loss_fn.to(accelerator.device)
+        accelerator.register_for_checkpointing(loss_fn)
+    distill_warmup = cfg.loss.distill_warmup_steps if cfg.loss.distill_warmup_steps is not None else steps_per_epoch
+    return PreparedRun(cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped,
+                       scored=ema.module if ema is not None else unwrapped, loss_fn=loss_fn, optimizer=optimizer,
+                       scheduler=scheduler, dataset=dataset, sampler=sampler, loader=loader, val_corpus=val_corpus,
+                       ema=ema, momentum=momentum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                       num_epochs=math.ceil(total_steps / steps_per_epoch), distill_warmup=distill_warmup)
+
+
+def _refuse_or_clear_earlier_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path) -> None:
+    """Checkpoints of an earlier run in ``output_dir``: an error, unless ``train.resume`` continues them or
+    ``train.overwrite`` removes them. Checked before anything is written, so a refused run leaves the
+    earlier one untouched."""
+    tc = cfg.train
+    earlier = list_checkpoints(output_dir)
+    if not earlier or tc.resume:
+        return
+    if not tc.overwrite:
+        raise ValueError(f"{output_dir} already holds checkpoints of an earlier run ({earlier[-1].name}); "
+                         f"pass --resume (train.resume=latest) to continue it, train.overwrite=true to "
+                         f"replace it, or another train.output_dir")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        logger.warning("train.overwrite: removing %d checkpoints of an earlier run in %s", len(earlier), output_dir)
+        for path in earlier:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _make_ema(model: torch.nn.Module, tc) -> Optional[Any]:
+    """timm's ModelEmaV3 over ``model`` when ``train.ema_decay`` is set, else None."""
+    if tc.ema_decay is None:
+        return None
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (e.g. 0.999), got {tc.ema_decay}")
+    from timm.utils import ModelEmaV3
+
+    # Kept in float32 beside float32 weights (Accelerate's bf16 is autocast), so updates never round away.
+    return ModelEmaV3(model, decay=tc.ema_decay, use_warmup=tc.ema_warmup, warmup_power=0.75)
+
+
+def _make_loss(cfg: RecipeConfig) -> torch.nn.Module:
+    """The recipe's objective; ALBEF's takes its weights, momentum and queue settings from ``loss``."""
+    if cfg.loss.name != "albef":
+        return create_loss(cfg.loss.name)
+    settings = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k not in ("name", "weight")}
+    return create_loss("albef", **settings)
+
+
+def _make_momentum_model(model: torch.nn.Module, cfg: RecipeConfig) -> Optional[Any]:
+    """ALBEF's momentum encoders: an EMA copy of the model (``loss.momentum``), updated every step."""
+    if cfg.loss.name != "albef" or not cfg.loss.momentum:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.loss.momentum)

@@ -1,0 +1,64 @@
+"""Where a run stands (step, epoch, batch in the epoch, samples seen): written into every checkpoint's
+``trainer_state.json`` and read back, with Accelerate's state, when a run resumes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from .checkpoint import read_trainer_state, resolve_resume
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger("vlpretrain.train")
+
+
+@dataclass
+class Position:
+    """Optimizer steps done, the epoch and the batches of it done, and samples seen by all processes.
+
+    Example: ``Position(step=48, epoch=2, batch_in_epoch=0, samples_seen=6144)``
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+
+    def trainer_state(self, total_steps: int, world: int) -> dict:
+        """What ``trainer_state.json`` holds for a checkpoint taken here.
+
+        Example: ``save_checkpoint(accelerator, model, out, position.trainer_state(1000, 8))``
+        """
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": self.samples_seen, "total_steps": total_steps, "world_size": world}
+
+
+def resume_position(accelerator: "Accelerator", resume: Optional[str], output_dir: Path, total_steps: int,
+                    steps_per_epoch: int) -> Position:
+    """Load the checkpoint ``train.resume`` names (``latest`` or a folder) into every object registered
+    with ``accelerator`` and return where it stopped; a fresh start (``Position()``) without one.
+
+    A checkpoint taken after the last batch of an epoch resumes at the start of the next epoch.
+
+    Example: ``start = resume_position(accelerator, "latest", Path("runs/demo"), 384, 24)``
+    """
+    if not resume:
+        return Position()
+    checkpoint = resolve_resume(resume, output_dir)
+    if checkpoint is None:
+        logger.info("train.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
+        return Position()
+    accelerator.load_state(str(checkpoint))
+    state = read_trainer_state(checkpoint)
+    step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+    samples_seen = state.get("samples_seen", 0)
+    if state.get("total_steps") not in (None, total_steps):
+        logger.warning("resuming a run planned for %s steps with %s steps", state["total_steps"], total_steps)
+    if skip_batches >= steps_per_epoch:
+        start_epoch, skip_batches = start_epoch + 1, 0
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, step, start_epoch, skip_batches)
+    return Position(step=step, epoch=start_epoch, batch_in_epoch=skip_batches, samples_seen=samples_seen)
