@@ -201,3 +201,20 @@ def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
                             "--text", "a smiling cat", "-k", "5", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert query.returncode == 0, query.stderr[-3000:]
     assert [hit["caption"] for hit in json.loads(query.stdout)] == [re.match(r"\s*\d+\. \S+  (.*)  \(", line).group(1) for line in hits]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog):
+    """bf16 without AVX512-BF16 / AMX runs tens of times slower than fp32: the log says so, and how to avoid it."""
+    from types import SimpleNamespace
+
+    from vlpretrain.training import prepare
+
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    message = ("train.precision=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 matmuls run tens "
+               "of times slower than fp32 here; set train.precision=no for fp32")
+    for native, precision, warned in ((False, "bf16", True), (True, "bf16", False), (False, "no", False)):
+        monkeypatch.setattr(prepare, "cpu_has_native_bf16", lambda: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vlpretrain.train"):
+            prepare._warn_if_slow_bf16(recipe_from_dict({"train": {"precision": precision}}), cpu)
+        assert [r.getMessage() for r in caplog.records] == ([message] if warned else [])
