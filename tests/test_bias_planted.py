@@ -9,13 +9,21 @@ second at the same threshold; there even the plain permutation p-values stay abo
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
-from vlpretrain.evaluation.bias.planted import SKIN_TONE_GROUPS, run_planted_check
+# The check trains models, so it lives in tools/ (evaluation never imports training); load it from there.
+_spec = importlib.util.spec_from_file_location("planted_bias", Path(__file__).resolve().parents[1] / "tools" / "planted_bias.py")
+planted_bias = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(planted_bias)
+SKIN_TONE_GROUPS, run_planted_check = planted_bias.SKIN_TONE_GROUPS, planted_bias.run_planted_check
 
 PROBES = ("association", "harmful_labels", "retrieval_skew")
+
+pytestmark = pytest.mark.slow  # every test here shares the two trainings of `reports`
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +11,11 @@ import yaml
 from PIL import Image
 
 from vlpretrain.evaluation.bias import load_probe, run_bias_probe
-from vlpretrain.models import build_model, load_model
+from vlpretrain.models import load_model
 
-from helpers import tiny_model_config
+from helpers import vlp
 
 GROUPS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    build_model(tiny_model_config()).save_pretrained(path)
-    return path
 
 
 def _table(root: Path, per_group: int = 6) -> Path:
@@ -59,10 +50,7 @@ def _probe(root: Path, **overrides) -> Path:
     return path
 
 
-def vlp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", *args], capture_output=True, text=True)
-
-
+@pytest.mark.slow
 def test_vlp_eval_bias_writes_report_summary_and_plot(tmp_path, checkpoint):
     _table(tmp_path)
     out = tmp_path / "out"
@@ -93,6 +81,7 @@ def test_vlp_eval_bias_writes_report_summary_and_plot(tmp_path, checkpoint):
     assert (out / "report.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_python_api_is_deterministic_and_flags_follow_the_rule(tmp_path, checkpoint):
     _table(tmp_path)
     model = load_model(checkpoint)
@@ -108,7 +97,7 @@ def test_vocabulary_control_words_are_single_whole_words():
     import open_clip
     from open_clip.tokenizer import HFTokenizer
 
-    from vlpretrain.evaluation.bias.probe import vocabulary_words
+    from vlpretrain.evaluation.bias.control_words import vocabulary_words
     from vlpretrain.models.towers import resolve_hf_name
 
     bpe = open_clip.get_tokenizer("ViT-B-32")
@@ -133,18 +122,19 @@ def test_vocabulary_control_words_are_single_whole_words():
         vocabulary_words(NoVocabulary(), 5)
 
 
+@pytest.mark.slow
 def test_vocabulary_controls_are_reported(tmp_path, checkpoint, monkeypatch):
-    from vlpretrain.evaluation.bias import probe as probe_module
+    from vlpretrain.evaluation.bias import control_words as control_module
 
     _table(tmp_path)
     model = load_model(checkpoint)
     pseudo = run_bias_probe(model, _probe(tmp_path), progress=False)["metrics"]
     calls = []
-    real = probe_module.vocabulary_words
-    monkeypatch.setattr(probe_module, "vocabulary_words",
+    real = control_module.vocabulary_words
+    monkeypatch.setattr(control_module, "vocabulary_words",
                         lambda tokenizer, count, seed, exclude: calls.append((tokenizer, count, exclude))
                         or real(tokenizer, count, seed, exclude))
-    monkeypatch.setattr(probe_module, "pseudo_words", lambda *a: pytest.fail("pseudo-words drawn"))
+    monkeypatch.setattr(control_module, "pseudo_words", lambda *a: pytest.fail("pseudo-words drawn"))
     vocabulary = run_bias_probe(model, _probe(tmp_path, control_words="vocabulary"), progress=False)["metrics"]
     assert pseudo["control_words"] == "pseudo" and vocabulary["control_words"] == "vocabulary"
     # The pool: the model's own tokenizer, 50 more words than draws, none of the probe's words.

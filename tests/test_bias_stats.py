@@ -186,7 +186,8 @@ def test_random_permutations_in_chunks_on_a_large_set():
 
 
 def test_skew_against_a_desired_distribution_and_the_flag_rule():
-    from vlpretrain.evaluation.bias.probe import _control_p, _flags
+    from vlpretrain.evaluation.bias.control_words import control_p_value
+    from vlpretrain.evaluation.bias.section import flagged_groups
 
     groups = np.array(["a"] * 90 + ["b"] * 10, dtype=object)
     similarities = np.zeros((1, 100))
@@ -197,5 +198,5 @@ def test_skew_against_a_desired_distribution_and_the_flag_rule():
     assert b["p_adjusted"] < 0.01  # over-represented against the pool...
     for name in ("a", "b"):
         result["groups"][name]["control_p_value"] = 0.001
-    assert _flags(result["groups"], ["a", "b"], 0.01, "retrieval_skew", "q", "skew", controls=10) == []  # ...not vs desired
-    assert _control_p(1.0, np.array([0.5, np.nan, 2.0])) == pytest.approx(2 / 3)  # NaN draws are left out
+    assert flagged_groups(result["groups"], ["a", "b"], 0.01, "retrieval_skew", "q", "skew", controls=10) == []  # ...not vs desired
+    assert control_p_value(1.0, np.array([0.5, np.nan, 2.0])) == pytest.approx(2 / 3)  # NaN draws are left out

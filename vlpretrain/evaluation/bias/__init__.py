@@ -8,9 +8,11 @@ Example:
 """
 
 from .association import association_scores, association_test, effect_size
+from .control_words import pseudo_words
 from .group_performance import group_performance
 from .harmful_labels import harmful_label_rates
-from .probe import load_probe, pseudo_words, run_bias_probe
+from .probe import run_bias_probe
+from .probe_file import load_probe
 from .report import write_bias_report
 from .retrieval_skew import max_skew_at_k, ndkl_at_k, retrieval_skew
 

@@ -5,7 +5,8 @@ For an image ``w`` and attribute text sets A, B: ``s(w) = mean_a cos(w, a) - mea
 For target image sets X (the group) and Y (the rest), the effect size is
 ``(mean_X s - mean_Y s) / std_{X u Y} s`` (Caliskan et al. 2017, sample standard deviation), and the
 one-sided p-value is the share of relabellings of X u Y into sets of the same sizes whose
-``mean_X s - mean_Y s`` is at least the observed one.
+``mean_X s - mean_Y s`` is at least the observed one. :func:`run_association` runs the probe file's
+``association`` tests: each group against the rest, with the control test and the template spread.
 
 Example:
     >>> scores = association_scores(image_features, sensitive_text_features, neutral_text_features)
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bootstrap_interval, mean_difference_test
+from .control_words import attach_control_p
+from .section import ProbeRun, SectionResult
+from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bootstrap_interval, holm_adjust, mean_difference_test
 
-__all__ = ["association_scores", "effect_size", "association_test"]
+__all__ = ["association_scores", "effect_size", "association_test", "run_association"]
 
 
 def association_scores(images: torch.Tensor, attributes_a: torch.Tensor, attributes_b: torch.Tensor) -> np.ndarray:
@@ -81,3 +84,38 @@ def group_mean_scores(scores: np.ndarray, groups: Sequence[str], names: Sequence
     """Mean association score of each group's images."""
     groups = np.asarray(groups, dtype=object)
     return {name: float(np.mean(scores[groups == name])) for name in names}
+
+
+def run_association(run: ProbeRun, tests: list[dict]) -> SectionResult:
+    """The ``association`` section: for each test (``name``, ``sensitive`` and ``neutral`` texts) and
+    each group, :func:`association_test` against the rest with Holm-adjusted p-values, the control p
+    (control words in place of the sensitive texts) and the effect size per template.
+
+    Example:
+        >>> run_association(run, [{"name": "crime", "sensitive": ["a criminal"], "neutral": ["a person"]}]).flags
+    """
+    images, groups, names = run.images, run.groups, run.names
+    section = SectionResult({})
+    for test in tests:
+        sensitive, sensitive_t = run.texts.both(test["sensitive"])
+        neutral, neutral_t = run.texts.both(test["neutral"])
+        scores = association_scores(images, sensitive.double(), neutral.double())
+        result = {"sensitive": test["sensitive"], "neutral": test["neutral"], "groups": {}}
+        for name in names:
+            result["groups"][name] = association_test(scores, groups == name, **run.common)
+            result["groups"][name]["mean_score"] = float(scores[groups == name].mean())
+        for name, adjusted in zip(names, holm_adjust([result["groups"][n]["p_value"] for n in names])):
+            result["groups"][name]["p_adjusted"] = adjusted
+        if run.controls:
+            null = np.array([np.nanmax([effect_size(association_scores(images, run.draw(len(test["sensitive"])),
+                                                                        neutral.double()), groups == n)
+                                        for n in names]) for _ in range(run.controls)])
+            attach_control_p(result["groups"], names, "effect_size", null)
+        per_template = []
+        for t in range(len(run.templates)):
+            s = association_scores(images, sensitive_t[t].double(), neutral_t[t].double())
+            per_template.append({n: effect_size(s, groups == n) for n in names})
+        section.sensitivity[f"association/{test['name']}/effect_size"] = run.spread(per_template)
+        section.metrics[test["name"]] = result
+        section.flags += run.flags(result["groups"], "association", test["name"], "effect_size")
+    return section

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Union
 
-from ..tasks import write_json
+from ...io import atomic_write, write_json, write_text
 
 __all__ = ["write_bias_report", "summary_markdown", "plot_bias_report"]
 
@@ -182,23 +182,17 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
     fig.suptitle(f"{report.get('probe', '')}: {report['model']}. Red: flagged; orange: differs from the other groups "
                  f"(p < {m['alpha']}) but no more than for {_control_kind(m)} texts; bars: 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        # format: the temporary file's name does not end in .png
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_bias_report(report: dict, out_dir: Union[str, Path]) -> dict[str, Path]:
     """Write ``report.json``, ``summary.md`` and ``report.png`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     paths = {"json": write_json(report, out_dir / "report.json")}
-    summary = out_dir / "summary.md"
-    tmp = summary.with_name(".summary.md.tmp")
-    tmp.write_text(summary_markdown(report) + "\n")
-    tmp.replace(summary)
-    paths["markdown"] = summary
+    paths["markdown"] = write_text(out_dir / "summary.md", summary_markdown(report) + "\n")
     paths["png"] = plot_bias_report(report, out_dir / "report.png")
     return paths

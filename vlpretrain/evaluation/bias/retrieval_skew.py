@@ -7,6 +7,8 @@ the top k depart from a desired distribution (by default the pool's own shares).
   ``D_i`` is the group distribution of the top i: 0 when every prefix matches the desired
   distribution.
 
+:func:`run_retrieval_skew` runs the probe file's ``retrieval_skew`` section.
+
 Example:
     >>> max_skew_at_k(top_groups=np.array([[0, 0, 1]]), desired=np.array([0.5, 0.5]))
     array([0.2876...])
@@ -18,9 +20,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .control_words import attach_control_p
+from .section import ProbeRun, SectionResult
 from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, holm_adjust, mean_difference_test
 
-__all__ = ["max_skew_at_k", "ndkl_at_k", "retrieval_skew"]
+__all__ = ["max_skew_at_k", "ndkl_at_k", "retrieval_skew", "run_retrieval_skew"]
 
 
 def _shares(top_groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -108,3 +112,46 @@ def retrieval_skew(similarities: np.ndarray, groups: Sequence[str], names: Seque
     return {"k": k, "max_skew": float(max_skew.mean()), "max_skew_ci": interval(boot_skew),
             "ndkl": float(ndkl.mean()), "ndkl_ci": interval(boot_ndkl),
             "per_query": {"max_skew": max_skew.tolist(), "ndkl": ndkl.tolist()}, "groups": per_group}
+
+
+def _max_log_skew(similarities: np.ndarray, groups: np.ndarray, names: Sequence[str], k: int, target: np.ndarray) -> float:
+    """The largest group skew of the top ``k`` over all queries together (a control draw's statistic)."""
+    order = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+    top = groups[order]
+    shares = np.array([np.mean(top == n) for n in names])
+    with np.errstate(divide="ignore"):
+        return float(np.max(np.log(shares / target)))
+
+
+def run_retrieval_skew(run: ProbeRun, spec: dict) -> SectionResult:
+    """The ``retrieval_skew`` section: for each named query set, :func:`retrieval_skew` at each k of
+    ``spec["k"]``; at the first (the headline k) also the control p (control words in place of the
+    queries), the skew per template and the flags.
+
+    Example:
+        >>> run_retrieval_skew(run, {"k": [50], "queries": {"crime": ["a criminal"]}}).metrics["crime"]["k=50"]
+    """
+    images, groups, names = run.images, run.groups, run.names
+    headline_k = spec["k"][0]
+    section = SectionResult({})
+    for set_name, queries in spec["queries"].items():
+        query_weights, query_weights_t = run.texts.both(queries)
+        similarities = (query_weights.double() @ images.T).numpy()
+        per_k = {f"k={k}": retrieval_skew(similarities, groups, names, k, spec.get("desired"), **run.common)
+                 for k in spec["k"]}
+        result = {"queries": queries, **per_k}
+        headline = per_k[f"k={headline_k}"]
+        if run.controls:
+            target = np.array([headline["groups"][n]["desired_share"] for n in names])
+            null = np.array([_max_log_skew((run.draw(len(queries)) @ images.T).numpy(), groups, names, headline_k, target)
+                             for _ in range(run.controls)])
+            attach_control_p(headline["groups"], names, "skew", null)
+        per_template = []
+        for t in range(len(run.templates)):
+            top = retrieval_skew((query_weights_t[t].double() @ images.T).numpy(), groups, names, headline_k,
+                                 spec.get("desired"), permutations=1, bootstrap=0, seed=run.seed)
+            per_template.append({n: top["groups"][n]["skew"] for n in names} | {"max_skew": top["max_skew"]})
+        section.sensitivity[f"retrieval_skew/{set_name}/skew@{headline_k}"] = run.spread(per_template, names + ["max_skew"])
+        section.metrics[set_name] = result
+        section.flags += run.flags(headline["groups"], "retrieval_skew", f"{set_name} top-{headline_k}", "skew")
+    return section
