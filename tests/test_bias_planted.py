@@ -30,12 +30,16 @@ pytestmark = pytest.mark.slow  # every test here shares the two trainings of `re
 def reports(tmp_path_factory):
     from accelerate.state import AcceleratorState
 
-    # Earlier tests made fp32 Accelerators in this process; the check trains in bf16.
+    from vlpretrain.training.prepare import cpu_has_native_bf16
+
+    # Earlier tests made fp32 Accelerators in this process; the check trains in bf16 where the CPU has it
+    # (without AVX512-BF16 / AMX, bf16 runs tens of times slower: fp32 there).
     AcceleratorState._reset_state(True)
     try:
         # threads: earlier tests leave torch at one thread.
         yield run_planted_check(tmp_path_factory.mktemp("planted"), word="criminal", group="dark", bootstrap=200,
-                                threads=min(os.cpu_count() or 1, 4))
+                                threads=min(os.cpu_count() or 1, 4),
+                                precision="bf16" if cpu_has_native_bf16() else "no")
     finally:
         AcceleratorState._reset_state(True)
 

@@ -76,8 +76,10 @@ def write_people_corpus(path: Union[str, Path], plant_word: Optional[str] = None
     return atomic_write(path, write)
 
 
-def planted_recipe(train_csv: Union[str, Path], output_dir: Union[str, Path], epochs: int = 12, threads: int = 0) -> dict:
-    """A small from-scratch CLIP for the check (7M parameters, 32 px; about a minute on 2 CPU cores).
+def planted_recipe(train_csv: Union[str, Path], output_dir: Union[str, Path], epochs: int = 12, threads: int = 0,
+                   precision: str = "bf16") -> dict:
+    """A small from-scratch CLIP for the check (7M parameters, 32 px; about a minute on 2 CPU cores with
+    native bf16; ``precision="no"`` trains in fp32, for CPUs without it).
 
     Example:
         >>> planted_recipe("planted.csv", "runs/planted")["model"]["embed_dim"]
@@ -89,7 +91,7 @@ def planted_recipe(train_csv: Union[str, Path], output_dir: Union[str, Path], ep
                   "text": {"context_length": 24, "width": 128, "heads": 2, "layers": 2}},
         "data": {"train": str(train_csv), "num_workers": 0},
         "train": {"output_dir": str(output_dir), "epochs": epochs, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
-                  "weight_decay": 0.1, "precision": "bf16", "log_every": 20, "progress": False, "checkpoint_every": 0,
+                  "weight_decay": 0.1, "precision": precision, "log_every": 20, "progress": False, "checkpoint_every": 0,
                   "seed": 0, "threads": threads},
     }
 
@@ -120,7 +122,7 @@ def planted_probe(word: str = "criminal", bootstrap: int = 1000) -> dict:
 
 def run_planted_check(out_dir: Union[str, Path], word: str = "criminal", group: str = "dark", epochs: int = 12,
                       bootstrap: int = 1000, threads: int = 0, name_tones: bool = False, progress: bool = False,
-                      control_words: str = "pseudo") -> dict:
+                      control_words: str = "pseudo", precision: str = "bf16") -> dict:
     """Train a model on the planted corpus and one on the clean corpus, run :func:`planted_probe` on
     both, write each report under ``out_dir/<planted|clean>/``; returns ``{"planted": report, "clean": report}``.
 
@@ -138,7 +140,7 @@ def run_planted_check(out_dir: Union[str, Path], word: str = "criminal", group: 
     reports = {}
     for kind, plant in (("planted", word), ("clean", None)):
         corpus = write_people_corpus(out_dir / kind / "pairs.csv", plant_word=plant, plant_group=group, name_tones=name_tones)
-        result = train(recipe_from_dict(planted_recipe(corpus, out_dir / kind / "run", epochs, threads)))
+        result = train(recipe_from_dict(planted_recipe(corpus, out_dir / kind / "run", epochs, threads, precision)))
         report = run_bias_probe(load_model(result.final_dir), planted_probe(word, bootstrap), model_name=f"{kind} ({word} on {group})"
                                 if plant else "clean", progress=progress, control_words=control_words)
         write_bias_report(report, out_dir / kind)
@@ -173,12 +175,15 @@ def main() -> int:
                              "along every text direction; see README)")
     parser.add_argument("--control-words", choices=("pseudo", "vocabulary"), default="pseudo",
                         help="control texts of the probe (see vlp eval bias --help)")
+    parser.add_argument("--precision", choices=("bf16", "no"), default="bf16",
+                        help="training precision (default: bf16, as README's numbers; 'no' is fp32, far faster on a "
+                             "CPU without native bf16)")
     args = parser.parse_args()
     start = time.time()
     reports = run_planted_check(args.out, args.word, args.group, args.epochs, name_tones=args.name_tones,
-                                control_words=args.control_words)
+                                control_words=args.control_words, precision=args.precision)
     summary = {"word": args.word, "group": args.group, "epochs": args.epochs, "name_tones": args.name_tones,
-               "control_words": args.control_words,
+               "control_words": args.control_words, "precision": args.precision,
                "seconds": round(time.time() - start, 1),
                **{kind: key_numbers(report, args.word) for kind, report in reports.items()}}
     path = write_json(summary, Path(args.out) / "planted_bias.json")
