@@ -1,0 +1,167 @@
+"""WebDataset shards on disk: img2dataset's layout, our manifest, and how a spec names a set of shards.
+
+A shard is a tar of samples; the members of one sample share a key (``000001234``)::
+
+    {key}.jpg | .png | .webp   the image (resized once when we wrote it)
+    {key}.txt                  the caption (the first one when there are several)
+    {key}.json                 original path, width, height, extra columns; "captions": [...] when several
+    {shard}_stats.json         beside each tar: written / skipped counts and why (img2dataset writes these too)
+    manifest.json              ours only: counts, the shard list with sizes and SHA-256 (checked when read)
+
+Shards written by img2dataset (LAION, DataComp, CC3M / CC12M, COYO) have no manifest and are read as
+they are. A shard spec is a folder (every ``*.tar`` in it, or the shards its manifest lists), a
+``manifest.json``, or a brace pattern such as ``shards/{00000..00099}.tar``.
+
+Example:
+    >>> shards = resolve_shards("shards/emoji")            # folder with a manifest.json
+    >>> [s.name for s in shards[:2]], sum(s.samples or 0 for s in shards)
+    (['00000.tar', '00001.tar'], 3764)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..io import read_manifest
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "IMAGE_EXTENSIONS", "ShardInfo", "shard_name", "sample_key",
+           "stats_name", "is_shard_spec", "resolve_shards", "sha256_of"]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "vlpretrain-shards-v1"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+KEY_DIGITS = 9  # img2dataset's: shard number (5 digits) then position in the shard (4)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar of a shard set; ``samples``, ``bytes`` and ``sha256`` are known when a manifest lists it."""
+
+    path: Path
+    samples: Optional[int] = None
+    bytes: Optional[int] = None
+    sha256: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``00042.tar``."""
+    return f"{index:05d}.tar"
+
+
+def stats_name(index: int) -> str:
+    """File name of shard ``index``'s statistics: ``00042_stats.json``."""
+    return f"{index:05d}_stats.json"
+
+
+def sample_key(shard_index: int, position: int, shard_size: int) -> str:
+    """The key of the ``position``-th sample of shard ``shard_index`` (img2dataset's numbering: the
+    sample's global number, zero-padded), deterministic whatever process wrote it.
+
+    Example:
+        >>> sample_key(3, 17, 1000)
+        '000003017'
+    """
+    return f"{shard_index * shard_size + position:0{KEY_DIGITS}d}"
+
+
+def sha256_of(path: Union[str, os.PathLike]) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_shard_spec(spec: Union[str, os.PathLike]) -> bool:
+    """True when ``spec`` names WebDataset shards rather than a table or dataset: a ``.tar`` path or
+    pattern, a shard ``manifest.json``, or a folder holding ``.tar`` files.
+
+    Example:
+        >>> is_shard_spec("shards/{00000..00009}.tar"), is_shard_spec("pairs.csv")
+        (True, False)
+    """
+    text = os.fspath(spec)
+    if text.endswith(".tar") or (".tar" in text and "{" in text):
+        return True
+    path = Path(text)
+    if path.is_file() and path.name == MANIFEST_NAME:
+        return _manifest_format(path) == MANIFEST_FORMAT
+    return path.is_dir() and (any(path.glob("*.tar")) or (path / MANIFEST_NAME).is_file()
+                              and _manifest_format(path / MANIFEST_NAME) == MANIFEST_FORMAT)
+
+
+def _manifest_format(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
+
+
+def resolve_shards(spec: Union[str, os.PathLike], verify: bool = False) -> list[ShardInfo]:
+    """The shards a spec names, in order, each checked to exist (and, with ``verify``, its size and
+    SHA-256 against the manifest). Every problem is one line naming the file and the fix.
+
+    Example:
+        >>> resolve_shards("shards/{00000..00001}.tar")
+        [ShardInfo(path=PosixPath('shards/00000.tar'), samples=None, bytes=None, sha256=None), ...]
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    manifest_path = path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
+    if manifest_path.is_file():
+        return _from_manifest(manifest_path, verify)
+    if path.is_dir():
+        tars = sorted(path.glob("*.tar"))
+        if not tars:
+            raise FileNotFoundError(f"{text}: no .tar shards in this folder (write some with `vlp data shard`)")
+        return [ShardInfo(p) for p in tars]
+    names = _expand_braces(text)
+    found = [Path(n) for n in names if Path(n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{text}: the pattern matches no shard (expanded to {len(names)} names, "
+                                f"e.g. {names[0]}); check the folder and the brace range")
+    missing = [n for n in names if not Path(n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no such shard ({len(missing)} of the {len(names)} shards the "
+                                f"pattern {text} names are missing)")
+    return [ShardInfo(p) for p in found]
+
+
+def _from_manifest(manifest_path: Path, verify: bool) -> list[ShardInfo]:
+    manifest = read_manifest(manifest_path, MANIFEST_FORMAT, "write the shards again with `vlp data shard`")
+    shards = []
+    for entry in manifest.get("shards", []):
+        shard = ShardInfo(manifest_path.parent / entry["name"], entry.get("samples"), entry.get("bytes"),
+                          entry.get("sha256"))
+        if not shard.path.is_file():
+            raise FileNotFoundError(f"{shard.path}: listed in {manifest_path} but missing; rerun `vlp data shard` "
+                                    f"with the same arguments to write it again")
+        if verify:
+            size = shard.path.stat().st_size
+            if shard.bytes is not None and size != shard.bytes:
+                raise ValueError(f"{shard.path}: {size} bytes, {manifest_path} says {shard.bytes}: the shard is "
+                                 f"truncated or was changed; write it again with `vlp data shard`")
+            if shard.sha256 is not None and sha256_of(shard.path) != shard.sha256:
+                raise ValueError(f"{shard.path}: SHA-256 does not match {manifest_path}: the shard is corrupt or "
+                                 f"was changed; write it again with `vlp data shard`")
+        shards.append(shard)
+    if not shards:
+        raise ValueError(f"{manifest_path}: lists no shards; write them with `vlp data shard`")
+    return shards
