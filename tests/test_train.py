@@ -218,3 +218,15 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="vlpretrain.train"):
             prepare._warn_if_slow_bf16(recipe_from_dict({"train": {"precision": precision}}), cpu)
         assert [r.getMessage() for r in caplog.records] == ([message] if warned else [])
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """train.precision=auto (the demo recipes'): bf16 on a CPU with native bf16, fp32 elsewhere."""
+    from vlpretrain.training import prepare
+
+    if torch.cuda.is_available():
+        pytest.skip("auto follows the GPU here")
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(prepare, "cpu_has_native_bf16", lambda: native)
+        assert prepare.resolve_precision("auto") == expected
+    assert prepare.resolve_precision("fp32") == "no" and prepare.resolve_precision("bf16") == "bf16"

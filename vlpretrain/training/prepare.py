@@ -92,18 +92,33 @@ class PreparedRun:
 
 
 def make_accelerator(cfg: RecipeConfig) -> "Accelerator":
-    """The run's Accelerator, with ``train.precision`` (fp32 / bf16 / fp16) as its mixed precision.
+    """The run's Accelerator, with ``train.precision`` (fp32 / bf16 / fp16 / auto) as its mixed precision.
 
     Example: ``accelerator = make_accelerator(load_recipe("recipes/demo-emoji.yaml"))``
     """
     from accelerate import Accelerator, DataLoaderConfiguration
 
     # Accelerator(cpu=True) is what lets `accelerate launch --multi_gpu` run gloo processes on a CPU box.
-    precision = {"fp32": "no"}.get(cfg.train.precision, cfg.train.precision)
-    if precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.precision: '{cfg.train.precision}' is not one of no (fp32), bf16, fp16")
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
                        dataloader_config=DataLoaderConfiguration(even_batches=True))
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed-precision name for ``train.precision``. ``auto`` is bf16 where the device
+    multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32 (``no``).
+
+    Example:
+        >>> resolve_precision("fp32"), resolve_precision("bf16")
+        ('no', 'bf16')
+    """
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_has_native_bf16() else "no"
+    resolved = {"fp32": "no"}.get(precision, precision)
+    if resolved not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.precision: '{precision}' is not one of no (fp32), bf16, fp16, auto")
+    return resolved
 
 
 def cpu_has_native_bf16() -> bool:
@@ -118,7 +133,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _warn_if_slow_bf16(cfg: RecipeConfig, accelerator: "Accelerator") -> None:
-    if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+    if cfg.train.precision == "auto":
+        logger.info("train.precision=auto: %s on this device", resolve_precision("auto").replace("no", "fp32"))
+    elif cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning("train.precision=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 matmuls "
                        "run tens of times slower than fp32 here; set train.precision=no for fp32")
 
