@@ -28,8 +28,8 @@ from typing import Any, Optional, Union
 
 from ..io import read_manifest
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "IMAGE_EXTENSIONS", "ShardInfo", "shard_name", "sample_key",
-           "stats_name", "is_shard_spec", "resolve_shards", "sha256_of"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "IMAGE_EXTENSIONS", "ShardInfo", "ShardSample", "shard_name",
+           "sample_key", "stats_name", "is_shard_spec", "resolve_shards", "sha256_of", "parse_sample", "BadSampleError"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vlpretrain-shards-v1"
@@ -49,6 +49,69 @@ class ShardInfo:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+class BadSampleError(ValueError):
+    """A tar sample that cannot be used (no image member, no caption, unreadable JSON); the message
+    names the shard and the key, and the readers count and skip it."""
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One sample of a shard, not yet decoded: the encoded image and its captions.
+
+    ``source`` names it for messages (``shards/00003.tar:000003017``); ``meta`` is its ``.json``
+    member (original path, width, height, extra columns) or {}.
+    """
+
+    key: str
+    image: bytes
+    image_ext: str
+    captions: list[str]
+    meta: dict
+    source: str
+
+
+def parse_sample(sample: dict) -> ShardSample:
+    """A webdataset sample dict (``__key__``, ``__url__`` and one entry per member extension, as bytes)
+    as a :class:`ShardSample`. Captions: ``json["captions"]`` when present (several per image), else the
+    ``.txt`` member, else ``json["caption"]``.
+
+    Raises:
+        BadSampleError: no image member, no caption, or a ``.json`` member that is not a JSON object.
+
+    Example:
+        >>> parse_sample({"__key__": "000000001", "__url__": "s/00000.tar", "jpg": b"...", "txt": b"a frog"}).captions
+        ['a frog']
+    """
+    import json
+
+    key = str(sample.get("__key__", "?"))
+    source = f"{sample.get('__url__', '?')}:{key}"
+    ext = next((e for e in IMAGE_EXTENSIONS if sample.get(e) is not None), None)
+    if ext is None:
+        raise BadSampleError(f"{source}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+    meta: dict = {}
+    if sample.get("json") is not None:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSampleError(f"{source}: {key}.json is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise BadSampleError(f"{source}: {key}.json is not a JSON object")
+    captions = meta.get("captions")
+    if not (isinstance(captions, list) and captions):
+        text = sample.get("txt")
+        if text is not None:
+            captions = [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)]
+        elif isinstance(meta.get("caption"), str):
+            captions = [meta["caption"]]
+        else:
+            captions = []
+    captions = [str(c).strip() for c in captions if str(c).strip()]
+    if not captions:
+        raise BadSampleError(f"{source}: no caption (.txt member or \"captions\" in {key}.json)")
+    return ShardSample(key, bytes(sample[ext]), ext, captions, meta, source)
 
 
 def shard_name(index: int) -> str:
