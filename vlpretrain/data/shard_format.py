@@ -24,12 +24,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from ..io import read_manifest
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "IMAGE_EXTENSIONS", "ShardInfo", "ShardSample", "shard_name",
-           "sample_key", "stats_name", "is_shard_spec", "resolve_shards", "sha256_of", "parse_sample", "BadSampleError"]
+           "sample_key", "stats_name", "is_shard_spec", "resolve_shards", "sha256_of", "parse_sample", "BadSampleError",
+           "read_shard_samples"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vlpretrain-shards-v1"
@@ -228,3 +229,37 @@ def _from_manifest(manifest_path: Path, verify: bool) -> list[ShardInfo]:
     if not shards:
         raise ValueError(f"{manifest_path}: lists no shards; write them with `vlp data shard`")
     return shards
+
+
+def read_shard_samples(url: Union[str, os.PathLike], on_bad: Callable[[str, str], None]) -> Iterator[ShardSample]:
+    """The usable samples of one tar, in order, read with webdataset's tar iterator. A bad sample (see
+    :func:`parse_sample`) or an unreadable tail (a truncated or corrupt tar) is passed to
+    ``on_bad(source, reason)`` and skipped; reading never raises on bad data.
+
+    Example:
+        >>> bad = []
+        >>> samples = list(read_shard_samples("shards/00000.tar", lambda source, why: bad.append((source, why))))
+    """
+    from webdataset.tariterators import tarfile_samples
+
+    url = os.fspath(url)
+    errors: list[Exception] = []
+
+    def keep_going(error: Exception) -> bool:
+        errors.append(error)
+        return True  # webdataset's handler protocol: True = continue with the next member / shard
+
+    try:
+        for sample in tarfile_samples([{"url": url}], handler=keep_going):
+            if errors:
+                on_bad(url, f"unreadable tar data ({errors.pop()})")
+                errors.clear()
+            try:
+                yield parse_sample(sample)
+            except BadSampleError as e:
+                source, _, reason = str(e).partition(": ")
+                on_bad(source, reason)
+    except Exception as e:  # noqa: BLE001 - a tar that cannot be opened at all is one counted skip
+        on_bad(url, f"unreadable shard ({type(e).__name__}: {e})")
+    for error in errors:
+        on_bad(url, f"unreadable tar data ({error})")
