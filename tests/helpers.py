@@ -118,3 +118,47 @@ def _gloo_process(rank: int, world_size: int, folder: str, fn: Callable[..., Any
         dist.barrier()  # rank 0's file is complete before any process leaves the group
     finally:
         dist.destroy_process_group()
+
+
+def write_test_shards(folder: Path, sizes: list[int], manifest: bool = False, captions_per_sample: int = 1,
+                      seed: int = 0) -> list[Path]:
+    """A small img2dataset-style shard set: ``{i:05d}.tar`` with ``sizes[i]`` samples, each a 16x16 JPEG
+    ``{key}.jpg``, its caption ``{key}.txt`` and ``{key}.json`` (width, height; ``captions`` when
+    ``captions_per_sample`` > 1); keys are img2dataset's (``sample_key(i, position, 10000)``), so
+    ``int(key)`` is unique. With ``manifest``, also our ``manifest.json`` (sizes, SHA-256).
+
+    Example: ``shards = write_test_shards(tmp_path / "shards", [5, 3, 4], manifest=True)``
+    """
+    import io
+    import tarfile
+
+    from vlpretrain.data.shard_format import MANIFEST_FORMAT, sample_key, sha256_of, shard_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+    paths, entries = [], []
+    for shard, size in enumerate(sizes):
+        path = folder / shard_name(shard)
+        with tarfile.open(path, "w") as tar:
+            for position in range(size):
+                key = sample_key(shard, position, 10000)
+                buffer = io.BytesIO()
+                Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(buffer, format="JPEG")
+                captions = [f"a {colours[(int(key) + c) % len(colours)]} square {key} caption {c}"
+                            for c in range(captions_per_sample)]
+                meta: dict[str, Any] = {"key": key, "width": 16, "height": 16}
+                if captions_per_sample > 1:
+                    meta["captions"] = captions
+                for ext, data in (("jpg", buffer.getvalue()), ("txt", captions[0].encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+        entries.append({"name": path.name, "samples": size, "bytes": path.stat().st_size, "sha256": sha256_of(path)})
+    if manifest:
+        (folder / "manifest.json").write_text(json.dumps(
+            {"format": MANIFEST_FORMAT, "samples": sum(sizes), "shards": entries}, indent=1))
+    return paths

@@ -87,6 +87,15 @@ class DataConfig:
     # ...) plus blur_prob / blur_sigma (a Gaussian blur after the crop) and shade_prob / shade_strength
     # (vlpretrain.data.transforms.RandomShading: smooth light and shadow over the drawing, hues kept).
     augmentation: dict = field(default_factory=dict)
+    # WebDataset shards (data.train: a shard folder, its manifest.json or "shards/{00000..00099}.tar"):
+    # samples per epoch (open_clip's --train-num-samples; default: the manifest's count, required without
+    # one), shards drawn with replacement instead of once per epoch, and the shuffle buffer (samples; 0 = off).
+    train_num_samples: Optional[int] = None
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    # Stream data.train (hf:NAME or a .parquet / .csv / .jsonl file) with datasets' streaming=True instead of
+    # loading it, split and resumed as shards are (needs data.train_num_samples).
+    streaming: bool = False
 
 
 @dataclass

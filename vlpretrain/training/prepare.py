@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import RecipeConfig
 from ..data.named import open_named_corpus
@@ -61,6 +61,9 @@ class PreparedRun:
     total_steps: int
     num_epochs: int
     distill_warmup: int
+    # A ShardStream (WebDataset shards): each process reads its own shards, so its loader is not passed
+    # through Accelerate (which would re-split or dispatch it); batches are moved to the device here.
+    stream: bool = False
 
     @property
     def world(self) -> int:
@@ -72,6 +75,10 @@ class PreparedRun:
 
         Example: ``for batch in run.epoch_loader(3): ...``
         """
+        if self.stream:
+            # The stream replays the epoch's shard order and skips what was trained on itself.
+            self.dataset.set_epoch(epoch, skip_batches)
+            return _on_device(self.loader, self.accelerator.device)
         epoch_loader = self.loader
         if skip_batches:
             epoch_loader = self.accelerator.skip_first_batches(self.loader, skip_batches)
@@ -87,8 +94,17 @@ class PreparedRun:
         tc = self.cfg.train
         trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
         logger.info("training %s: %d pairs, %d processes x batch %d, %d steps/epoch, %d steps, "
-                    "%.1fM trainable parameters, precision %s", self.cfg.data.train, len(self.dataset), self.world,
+                    "%.1fM trainable parameters, precision %s", self.cfg.data.train,
+                    self.dataset.samples_per_epoch if self.stream else len(self.dataset), self.world,
                     tc.batch_size, self.steps_per_epoch, self.total_steps, trainable / 1e6, tc.precision)
+
+
+def _on_device(loader, device: torch.device):
+    """The batches of ``loader`` moved to ``device`` (what Accelerate's prepared loaders do)."""
+    from accelerate.utils import send_to_device
+
+    for batch in loader:
+        yield send_to_device(batch, device)
 
 
 def make_accelerator(cfg: RecipeConfig) -> "Accelerator":
@@ -161,7 +177,9 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
 
     model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
     loss_fn = _make_loss(cfg)
-    dataset = build_train_dataset(cfg.data, model, tc.seed)
+    dataset = build_train_dataset(cfg.data, model, tc.seed, tc.batch_size, accelerator.process_index, world)
+    if isinstance(dataset, IterableDataset):
+        return _prepare_stream_run(cfg, accelerator, model, loss_fn, dataset)
     if len(dataset) < tc.batch_size * world:
         raise ValueError(f"data.train has {len(dataset)} pairs, fewer than one global batch "
                          f"({tc.batch_size} x {world} processes): lower train.batch_size")
@@ -173,7 +191,31 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
 
     optimizer = create_optimizer(model, tc)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = len(loader)
+    return _register_the_rest(cfg, accelerator, model, loss_fn, optimizer, dataset, sampler, loader, val_corpus,
+                              steps_per_epoch=len(loader))
+
+
+def _prepare_stream_run(cfg: RecipeConfig, accelerator: "Accelerator", model, loss_fn, dataset) -> PreparedRun:
+    """:func:`prepare_run` for a ShardStream: a plain DataLoader over this process's stream, outside
+    Accelerate (its IterableDatasetShard / dispatching would split the stream a second time)."""
+    from ..data import collate_image_text
+
+    tc = cfg.train
+    # Its own generator: creating the loader's iterator each epoch leaves the global RNG untouched.
+    loader = DataLoader(dataset, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
+                        collate_fn=collate_image_text, persistent_workers=False,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(tc.seed))
+    val_corpus = open_named_corpus(cfg.data.val, cfg.data, cfg.data.val_split) if cfg.data.val else None
+    optimizer = create_optimizer(model, tc)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _register_the_rest(cfg, accelerator, model, loss_fn, optimizer, dataset, None, loader, val_corpus,
+                              steps_per_epoch=dataset.steps_per_epoch, stream=True)
+
+
+def _register_the_rest(cfg: RecipeConfig, accelerator: "Accelerator", model, loss_fn, optimizer, dataset, sampler,
+                       loader, val_corpus, steps_per_epoch: int, stream: bool = False) -> PreparedRun:
+    """The schedule, EMA, momentum model and loss buffers, registered for checkpointing in this order."""
+    tc = cfg.train
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     # Not passed through accelerator.prepare(): that steps it once per process per step; we step
     # it once per optimizer step and let save_state / load_state carry it.
@@ -194,7 +236,8 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
                        scored=ema.module if ema is not None else unwrapped, loss_fn=loss_fn, optimizer=optimizer,
                        scheduler=scheduler, dataset=dataset, sampler=sampler, loader=loader, val_corpus=val_corpus,
                        ema=ema, momentum=momentum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                       num_epochs=math.ceil(total_steps / steps_per_epoch), distill_warmup=distill_warmup)
+                       num_epochs=math.ceil(total_steps / steps_per_epoch), distill_warmup=distill_warmup,
+                       stream=stream)
 
 
 def _refuse_or_clear_earlier_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path) -> None:

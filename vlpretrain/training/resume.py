@@ -42,7 +42,10 @@ def resume_position(accelerator: "Accelerator", resume: Optional[str], output_di
     """Load the checkpoint ``train.resume`` names (``latest`` or a folder) into every object registered
     with ``accelerator`` and return where it stopped; a fresh start (``Position()``) without one.
 
-    A checkpoint taken after the last batch of an epoch resumes at the start of the next epoch.
+    A checkpoint taken after the last batch of an epoch resumes at the start of the next epoch. A stream
+    of shards (:class:`~vlpretrain.data.shard_dataset.ShardStream`) resumes from the same two numbers: the
+    trainer hands ``epoch`` and ``batch_in_epoch`` to ``PreparedRun.epoch_loader``, which restarts the
+    epoch's shard order and skips this process's samples of those batches.
 
     Example: ``start = resume_position(accelerator, "latest", Path("runs/demo"), 384, 24)``
     """
@@ -56,6 +59,10 @@ def resume_position(accelerator: "Accelerator", resume: Optional[str], output_di
     state = read_trainer_state(checkpoint)
     step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
     samples_seen = state.get("samples_seen", 0)
+    if state.get("world_size") not in (None, accelerator.num_processes):
+        # Each process's share of the data (its sampler shard, or its shards of a stream) depends on the world.
+        logger.warning("resuming a run of %s processes with %d: the data after the resume differs from what the "
+                       "uninterrupted run would have read", state["world_size"], accelerator.num_processes)
     if state.get("total_steps") not in (None, total_steps):
         logger.warning("resuming a run planned for %s steps with %s steps", state["total_steps"], total_steps)
     if skip_batches >= steps_per_epoch:
