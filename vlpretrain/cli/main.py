@@ -8,6 +8,7 @@ import sys
 from . import demo, embed, eval as eval_cli, index, train
 from . import wise_ft
 from . import export
+from . import data as data_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_parser(commands)
     wise_ft.add_parser(commands)
     export.add_parser(commands)
+    data_cli.add_parser(commands)
     return parser
 
 
