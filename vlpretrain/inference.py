@@ -36,7 +36,7 @@ __all__ = [
     "eval_mode", "encode_images", "encode_texts", "encode_image_rows", "encode_corpus", "image_feature_batches",
     "ImageItems", "collate_images", "load_image", "EncodedImages",
     "itm_pair_scores", "itm_rerank", "combined_scores", "model_logit_scale", "corpus_image_loader",
-    "RERANK_SCORES", "BAD_IMAGE_SCORE",
+    "RERANK_SCORES", "BAD_IMAGE_SCORE", "shard_feature_batches",
 ]
 
 ImagesLike = Union[torch.Tensor, Any, Sequence[Any], Iterable[Any]]
@@ -198,6 +198,8 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _image_dataset(images: ImagesLike, preprocess: Callable, on_bad_image: str, decode: bool,
                    describe: Optional[Callable]) -> Dataset:
+    if getattr(images, "yields_image_items", False):  # already ImageItems.load items (shard_feature_batches)
+        return images
     if isinstance(images, torch.Tensor):
         if not images.is_floating_point():
             raise TypeError(f"image tensor must be float and already preprocessed (model.preprocess), got {images.dtype}")
@@ -474,3 +476,24 @@ def model_logit_scale(model) -> float:
     if scale is None:
         raise ValueError("itm+itc re-ranking needs the model's contrastive logit_scale; this model has none")
     return float(torch.as_tensor(scale).detach().float().exp())
+
+
+# ----------------------------------------------------------------------------- shards, streamed
+
+
+def shard_feature_batches(model, corpus: Any, shards: Optional[Sequence[int]] = None, batch_size: int = 256,
+                          device: DeviceLike = None, num_workers: int = 0, progress: bool = False, decode: bool = True,
+                          describe: Optional[Callable[[int, Any], dict[str, Any]]] = None,
+                          desc: str = "encode images") -> Iterator[dict[str, Any]]:
+    """:func:`image_feature_batches` over a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`, streamed: the
+    ``j``-th of ``shards`` (default: all) is read and decoded by DataLoader worker ``j % num_workers``, and
+    nothing of the corpus is listed. Items also carry ``shard``, ``position``, ``worker``, ``source`` and
+    ``skip`` (a bad sample's reason: no row, zero features); ``(shard, position)`` restores corpus order.
+
+    Example:
+        >>> for batch in shard_feature_batches(model, ShardCorpus("shards/"), num_workers=2):
+        ...     rows = [i for i, why in enumerate(batch["skip"]) if why is None]
+    """
+    items = ImageItems([], model.preprocess, on_bad_image="zero", decode=decode, describe=describe)
+    yield from image_feature_batches(model, corpus.stream(items.load, shards), batch_size, device, num_workers,
+                                     progress, on_bad_image="zero", decode=decode, desc=desc)

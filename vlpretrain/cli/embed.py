@@ -22,6 +22,11 @@ Encode every image and every caption of a corpus with a model's eval preprocessi
 An interrupted export resumes from its finished shards when rerun with the same arguments; a finished
 one is left as it is. OUT holding an export of another model or other arguments is an error.
 
+From WebDataset shards (DATA: a shard folder, its manifest.json or "shards/{00000..00099}.tar") the
+samples are streamed, never listed: embedding shard k holds input shard k's samples (--shard-size is
+unused), meta's image column is each sample's original path from its .json (else shard.tar:key), the
+.json's fields are its extra columns, and bad samples are skipped and named in manifest.json's "input".
+
 Several processes (GPUs, or gloo processes on a CPU-only machine), shard k encoded by process k % N:
   accelerate launch --multi_gpu --num_processes N -m vlpretrain.cli.main embed --model M --data D --out OUT"""
 
@@ -36,7 +41,8 @@ def add_parser(commands) -> None:
                    help="which embeddings to export (default: both)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="storage type of the embeddings (default: float16)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="corpus rows per shard (default: 10000)")
+    p.add_argument("--shard-size", type=int, default=10_000,
+                   help="corpus rows per shard (default: 10000; unused for WebDataset shards: one per input shard)")
     add_batch_options(p, workers=4, what="per export process")
     add_progress_option(p)
     p.set_defaults(run=run)
@@ -88,6 +94,8 @@ def run(args) -> int:
         parts = ([f"{c['image']} images ({c['bad_images']} bad)"] if "image" in emb.modalities else []) + \
                 ([f"{c['text']} captions"] if "text" in emb.modalities else [])
         prefix = "already finished, nothing to do: " if was_finished else ""
+        skipped = emb.manifest.get("input", {}).get("skipped_samples")
+        parts += [f"{skipped} bad samples skipped"] if skipped else []
         print(f"{prefix}embedded {c['rows']} rows of {args.data}: {', '.join(parts)}; dim {emb.dim}, "
               f"{emb.manifest['dtype']}, {emb.num_shards} shards in {emb.path}")
     return 0

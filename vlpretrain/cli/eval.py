@@ -37,9 +37,13 @@ def add_parser(commands) -> None:
 
     z = tasks.add_parser("zeroshot", help="zero-shot classification with prompt templates",
                          description="Zero-shot classification. DATA: a folder of class subfolders, a CSV/TSV/JSONL/parquet "
-                                     "with image and label columns, emoji:SPLIT (labels: category, subcategory), or a "
-                                     "Hugging Face dataset folder / hf:NAME.")
+                                     "with image and label columns, emoji:SPLIT (labels: category, subcategory), a "
+                                     "Hugging Face dataset folder / hf:NAME, or WebDataset shards (a shard folder, its "
+                                     "manifest.json or 'shards/{00000..00009}.tar'; streamed; the label is the "
+                                     "--label-column field of each sample's .json).")
     _common(z)
+    z.add_argument("--num-workers", type=int, default=0,
+                   help="image decoding processes for WebDataset shards (default: 0, decode in the main one)")
     z.add_argument("--data", required=True, help="the labelled images (see above)")
     z.add_argument("--templates", default="openai_imagenet",
                    help="a set (openai_imagenet, openai_imagenet_7, simple), a .json / .txt file, or a template like "
@@ -52,10 +56,12 @@ def add_parser(commands) -> None:
                                      "image_retrieval_recall@k (a caption finds its image) and text_retrieval_recall@k "
                                      "(an image finds any of its captions) for k = 1, 5, 10, mean and median rank, and "
                                      "chance levels, computed exactly. DATA: a CSV/TSV/JSONL/parquet with image and "
-                                     "caption columns, a Hugging Face dataset folder / hf:NAME, or emoji:SPLIT.")
+                                     "caption columns, a Hugging Face dataset folder / hf:NAME, emoji:SPLIT, or "
+                                     "WebDataset shards (a shard folder, its manifest.json or "
+                                     "'shards/{00000..00009}.tar'), streamed without listing them.")
     add_model_option(t)
     add_corpus_options(t, data_help="the image-caption corpus (see above)")
-    add_batch_options(t)
+    add_batch_options(t, workers=0)
     t.add_argument("--rerank-itm", type=int, default=None, metavar="K",
                    help="also re-rank each query's top K by embedding with the model's image-text matching head "
                         "and report two re-ranked recalls: itm_reranked_* (by the match probability alone, as "
@@ -130,15 +136,33 @@ def _finish(args, result: dict) -> int:
 
 def run_zeroshot(args) -> int:
     from ..data.labelled import open_labelled_images
+    from ..data.shard_format import is_shard_spec
     from ..evaluation.tasks import evaluate_zeroshot
     from ..models import load_model
 
+    if is_shard_spec(args.data):
+        return _finish(args, _zeroshot_shards(args))
     data = open_labelled_images(args.data, args.label_column, args.image_column, args.split)
     model = load_model(args.model)
     result = evaluate_zeroshot(model, data, args.classnames, args.templates, args.batch_size,
                                progress=not args.no_progress, model_name=str(args.model),
                                confusion_png=args.confusion_png)
     return _finish(args, result)
+
+
+def _zeroshot_shards(args) -> dict:
+    from ..data.shard_corpus import ShardCorpus
+    from ..evaluation.tasks import evaluate_zeroshot_shards
+    from ..models import load_model
+
+    corpus = ShardCorpus(args.data)
+    result = evaluate_zeroshot_shards(load_model(args.model), corpus, args.label_column, args.classnames,
+                                      args.templates, args.batch_size, args.num_workers, not args.no_progress,
+                                      str(args.model), _dataset_name(args.data), args.confusion_png)
+    if result["skipped_samples"]:
+        print(f"warning: {result['skipped_samples']} samples skipped (bad sample or undecodable image), e.g. "
+              f"{result['skipped_examples'][0]}")
+    return result
 
 
 def _train_test(args):
@@ -172,6 +196,12 @@ def _dataset_name(spec: str) -> str:
         return "emoji-" + (spec.split(":", 1)[1] or "train")
     if spec.startswith("hf:"):
         return spec[3:]
+    from ..data.shard_format import is_shard_spec
+
+    if is_shard_spec(spec):
+        from ..data.shard_corpus import shard_set_name
+
+        return shard_set_name(spec)
     return Path(spec.rstrip("/")).stem or spec
 
 
@@ -189,7 +219,7 @@ def run_retrieval(args) -> int:
     model = load_model(args.model)
     result = evaluate_retrieval(model, corpus, args.batch_size, progress=not args.no_progress,
                                 model_name=str(args.model), dataset_name=_dataset_name(args.data),
-                                rerank_itm=args.rerank_itm)
+                                rerank_itm=args.rerank_itm, num_workers=args.num_workers)
     m = result["metrics"]
 
     def recalls(key: str, prefix: str = "") -> str:
@@ -210,6 +240,8 @@ def run_retrieval(args) -> int:
               f"({m['mlm_masked_tokens']} masked tokens)")
     if m["bad_images"]:
         print(f"warning: {m['bad_images']} images could not be decoded; they count as misses")
+    if result.get("skipped_samples"):
+        print(f"warning: {result['skipped_samples']} bad shard samples skipped, e.g. {result['skipped_examples'][0]}")
     if args.output:
         print(f"written: {write_json(result, args.output)}")
     return 0

@@ -21,14 +21,17 @@ def add_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build an index into --out (replaced atomically).\n\n"
                     "  vlp index build emb/pairs --out indexes/pairs\n"
-                    "  vlp index build --model runs/demo/final --data emoji:test --out indexes/emoji\n\n"
+                    "  vlp index build --model runs/demo/final --data emoji:test --out indexes/emoji\n"
+                    "  vlp index build --model runs/demo/final --data shards/cc3m --out indexes/cc3m\n\n"
                     "--kind auto is exact (flat) below a million vectors that fit the memory budget, else\n"
                     "HNSW when the vectors and graph fit, else IVF-PQ. Approximate indexes are trained on a\n"
                     "seeded sample, nprobe / efSearch are tuned to recall@10 >= 0.95, and recall@10 against\n"
                     "exact search is measured on up to 1000 held-out image and 1000 text queries; a warning\n"
                     "is given when cross-modal queries lose recall. With --model and --data the embeddings\n"
                     "are exported first and kept in OUT/embeddings (staged in OUT.embeddings-partial, so an\n"
-                    "interrupted export resumes when the command is run again).")
+                    "interrupted export resumes when the command is run again). WebDataset shards (a shard\n"
+                    "folder, its manifest.json or 'shards/{00000..00099}.tar') are streamed, one embedding\n"
+                    "shard per input shard; hits name each sample's original path (else shard.tar:key).")
     b.add_argument("embeddings", nargs="*", metavar="EMB_DIR", help="embedding folders written by `vlp embed`")
     add_model_option(b, required=False, help="embed --data with this model first (checkpoint folder, recipe "
                                              ".yaml, open_clip:ARCH[/TAG] or hf:NAME)")

@@ -7,6 +7,9 @@ Named corpora are built once on first use and cached:
 - ``noto-emoji:SPLIT``: the same emoji drawn in Google's Noto style (a cross-style test set);
 - ``tuxpaint:SPLIT``: Tux Paint's stamps with their captions (all, train, val, heldout).
 
+A shard spec (a folder of ``.tar`` shards, a shard ``manifest.json``, a ``{00000..00099}.tar`` pattern)
+opens as a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`, read in order without being listed.
+
 Example:
     >>> corpus = open_named_corpus("emoji:test")
     >>> len(corpus), corpus[0].captions
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import DataConfig
+from .shard_format import is_shard_spec
 
 __all__ = ["NAMED_PREFIXES", "named_table", "open_named_corpus", "parse_caption_columns", "data_spec"]
 
@@ -63,7 +67,8 @@ def named_table(spec: str, default_split: str) -> Optional[tuple[Path, str]]:
 def open_named_corpus(spec: str, data: Optional[DataConfig] = None, split: Optional[str] = None) -> Any:
     """A corpus from a spec: a named corpus (see the module docstring; ``emoji:`` alone is the train
     split) or anything :func:`vlpretrain.data.open_corpus` reads (table file, saved / imagefolder dataset,
-    ``hf:NAME``), with the image and caption columns of ``data``.
+    ``hf:NAME``), with the image and caption columns of ``data``; WebDataset shards as a
+    :class:`~vlpretrain.data.shard_corpus.ShardCorpus` (streamed; no ``corpus[i]``, columns unused).
 
     Example:
         >>> open_named_corpus("pairs.csv", DataConfig(caption_column=["caption_1", "caption_2"]))
@@ -73,6 +78,10 @@ def open_named_corpus(spec: str, data: Optional[DataConfig] = None, split: Optio
     named = named_table(spec, default_split="train")
     if named is not None:
         return open_corpus(str(named[0]))
+    if is_shard_spec(spec):
+        from .shard_corpus import ShardCorpus
+
+        return ShardCorpus(spec)
     data = data or DataConfig()
     return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column)
 

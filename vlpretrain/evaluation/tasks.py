@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from ..data.labelled import LabelledImages
+from ..data.shard_corpus import ShardCorpus
 from ..io import save_figure
 from ..inference import corpus_image_loader, encode_corpus, encode_images
 from .classification_metrics import classification_metrics
 from .classnames import load_classnames, match_labels
+
+logger = logging.getLogger(__name__)
+MAX_SKIPPED_REPORTED = 20
 
 
 def report(dataset: str, model: str, task: str, metrics: dict, pretrained: str = "", language: str = "en",
@@ -34,11 +39,20 @@ def evaluate_zeroshot(model, data: LabelledImages, classnames: Union[None, str, 
         >>> data = open_labelled_images("emoji:test", label_column="category")
         >>> evaluate_zeroshot(model, data, templates="simple")["metrics"]["mean_per_class_recall"]
     """
+    return _zeroshot(model, data.labels, data.name, lambda classifier: classifier.encode_images(data.images),
+                     classnames, templates, batch_size, progress, model_name, confusion_png)
+
+
+def _zeroshot(model, labels: list[str], name: str, encode: Callable[[Any], torch.Tensor], classnames: Any,
+              templates: Any, batch_size: int, progress: bool, model_name: str,
+              confusion_png: Optional[Union[str, Path]], **extra: Any) -> dict:
+    """evaluate_zeroshot's work on labels and image features (``encode(classifier)``, called after the
+    labels are checked and the class weights built)."""
     from .zeroshot import ZeroShotClassifier
 
-    keys, readable, targets = match_labels(data.labels, load_classnames(classnames), data.name)
+    keys, readable, targets = match_labels(labels, load_classnames(classnames), name)
     classifier = ZeroShotClassifier(model, readable, templates=templates, batch_size=batch_size, progress=progress)
-    features = classifier.encode_images(data.images)
+    features = encode(classifier)
     logits = classifier.logits(features)
     labels = torch.tensor(targets)
     metrics = classification_metrics(logits, labels, keys)
@@ -56,9 +70,9 @@ def evaluate_zeroshot(model, data: LabelledImages, classnames: Union[None, str, 
                                       "metric": "mean_per_class_recall"}
     if confusion_png:
         plot_confusion_matrix(metrics["confusion_matrix"], readable, confusion_png,
-                              title=f"{model_name or 'model'} on {data.name}")
-    return report(data.name, model_name, "zeroshot_classification", metrics,
-                  classnames=readable, num_templates=len(classifier.templates))
+                              title=f"{model_name or 'model'} on {name}")
+    return report(name, model_name, "zeroshot_classification", metrics,
+                  classnames=readable, num_templates=len(classifier.templates), **extra)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Union[str, Path], title: str = "") -> Path:
@@ -159,16 +173,26 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     if rerank_itm is not None:
         if isinstance(rerank_itm, bool) or not isinstance(rerank_itm, int) or rerank_itm < 1:
             raise ValueError(f"--rerank-itm must be a positive number of candidates, got {rerank_itm!r}")
+        if isinstance(corpus, ShardCorpus):
+            raise ValueError(f"{corpus.spec}: --rerank-itm reads images by row number, which streamed WebDataset "
+                             f"shards do not offer; leave it out, or evaluate the table the shards were written from")
         if not getattr(model, "has_itm", False):
             raise ValueError("--rerank-itm needs a model with an ITM fusion head; this model has none")
     name = dataset_name or _short_name(getattr(corpus, "name", "corpus"))
-    if len(corpus) == 0:
+    shards = isinstance(corpus, ShardCorpus)
+    if not shards and len(corpus) == 0:
         raise ValueError(f"{name}: the corpus has no rows to evaluate")
-    feats = encode_corpus(model, corpus, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    if len(feats["captions"]) == 0:
+    if shards:
+        feats = _encode_shard_corpus(model, corpus, batch_size, num_workers, progress)
+        if len(feats["image_features"]) == 0:
+            raise ValueError(f"{name}: the shards hold no usable samples ({len(feats['skipped'])} skipped)")
+    else:
+        feats = encode_corpus(model, corpus, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    if len(feats["text_features"]) == 0:
         raise ValueError(f"{name}: no captions found; check --caption-column")
     metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"], ks=ks)
     metrics["bad_images"] = len(feats["bad_images"])
+    extra = _skipped_report(feats["skipped"]) if shards else {}
     if rerank_itm is not None:
         from .rerank import reranked_retrieval_metrics
 
@@ -178,9 +202,126 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
             progress=progress))
         metrics["rerank_k"] = rerank_itm
     fusion = getattr(model, "fusion", None)
-    if fusion is not None and fusion.settings.mlm:
+    if fusion is not None and fusion.settings.mlm and shards:
+        logger.warning("%s: masked-token accuracy reads images by row number; not measured on shards", name)
+    elif fusion is not None and fusion.settings.mlm:
         from .mlm import masked_token_accuracy
 
         metrics.update(masked_token_accuracy(model, corpus, feats["captions"], feats["text_to_image"],
                                              batch_size=min(batch_size, 64), progress=progress))
-    return report(name, model_name, "zeroshot_retrieval", metrics)
+    return report(name, model_name, "zeroshot_retrieval", metrics, **extra)
+
+
+# ----------------------------------------------------------------------------- WebDataset shards, streamed
+
+
+def _skipped_report(skipped: list[tuple[str, str]]) -> dict:
+    """The report fields naming the bad shard samples that were skipped (the first 20 of them)."""
+    return {"skipped_samples": len(skipped),
+            "skipped_examples": [f"{source}: {reason}" for source, reason in skipped[:MAX_SKIPPED_REPORTED]]}
+
+
+def _shard_features(model, corpus: ShardCorpus, batch_size: int, num_workers: int, progress: bool,
+                    describe: Optional[Callable] = None, on_rows: Optional[Callable] = None) -> dict:
+    """Image features of every usable sample of ``corpus``, streamed (decoded in ``num_workers`` workers)
+    and put back in corpus order (shard, then position), without keeping the samples' metadata.
+
+    ``on_rows(batch, rows, first)`` sees each batch's sample rows (indices into the batch) as they
+    arrive; ``first`` is the arrival number of the first. Returns ``features`` (N, D) and ``ok`` (N,) in
+    corpus order, ``rank`` (arrival number -> corpus-order index) and ``skipped`` [(source, reason)].
+    """
+    from ..inference import shard_feature_batches
+
+    keys, chunks, oks, skipped = [], [], [], []
+    for batch in shard_feature_batches(model, corpus, batch_size=batch_size, num_workers=num_workers,
+                                       progress=progress, describe=describe, desc=f"encode {corpus.name}"):
+        rows = [i for i, why in enumerate(batch["skip"]) if why is None]
+        skipped.extend((batch["source"][i], why) for i, why in enumerate(batch["skip"]) if why is not None)
+        if not rows:
+            continue
+        if on_rows is not None:
+            on_rows(batch, rows, len(keys))
+        keys.extend((batch["shard"][i] << 32) + batch["position"][i] for i in rows)
+        chunks.append(batch["features"][rows])
+        oks.append(batch["ok"][rows])
+    for source, why in skipped[:MAX_SKIPPED_REPORTED]:
+        logger.warning("skipped bad shard sample %s: %s", source, why)
+    order = torch.argsort(torch.tensor(keys, dtype=torch.long), stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    features = torch.cat(chunks)[order] if chunks else torch.zeros(0, model.embed_dim)
+    ok = torch.cat(oks)[order] if oks else torch.zeros(0, dtype=torch.bool)
+    return {"features": features, "ok": ok, "rank": rank, "skipped": skipped}
+
+
+def _encode_shard_corpus(model, corpus: ShardCorpus, batch_size: int, num_workers: int, progress: bool) -> dict:
+    """:func:`~vlpretrain.inference.encode_corpus` for shards, streamed: captions are encoded as they arrive,
+    ``batch_size`` at a time (the same batches as encode_corpus when read in one process, so the features
+    match the table's), and only features and ``text_to_image`` are kept (``captions`` is None)."""
+    from ..inference import encode_texts
+
+    pending: list[str] = []
+    owners: list[int] = []
+    text_chunks: list[torch.Tensor] = []
+
+    def encode(count: int) -> None:
+        text_chunks.append(encode_texts(model, pending[:count], batch_size))
+        del pending[:count]
+
+    def on_rows(batch: dict, rows: list[int], first: int) -> None:
+        for n, i in enumerate(rows):
+            pending.extend(batch["captions"][i])
+            owners.extend([first + n] * len(batch["captions"][i]))
+        while len(pending) >= batch_size:
+            encode(batch_size)
+
+    images = _shard_features(model, corpus, batch_size, num_workers, progress,
+                             describe=lambda index, row: {"captions": list(row.captions)}, on_rows=on_rows)
+    if pending:
+        encode(len(pending))
+    text_to_image = images["rank"][torch.tensor(owners, dtype=torch.long)]
+    order = torch.argsort(text_to_image, stable=True)  # captions of an image stay in their order
+    text_features = torch.cat(text_chunks)[order] if text_chunks else torch.zeros(0, model.embed_dim)
+    return {"image_features": images["features"], "text_features": text_features,
+            "text_to_image": text_to_image[order], "captions": None,
+            "bad_images": torch.nonzero(~images["ok"]).flatten().tolist(), "skipped": images["skipped"]}
+
+
+def evaluate_zeroshot_shards(model, corpus: ShardCorpus, label_column: str = "label",
+                             classnames: Union[None, str, Sequence[str], dict] = None,
+                             templates: Any = "openai_imagenet", batch_size: int = 256, num_workers: int = 0,
+                             progress: bool = True, model_name: str = "", dataset_name: Optional[str] = None,
+                             confusion_png: Optional[Union[str, Path]] = None) -> dict:
+    """:func:`evaluate_zeroshot` on WebDataset shards, streamed: each sample's label is the field
+    ``label_column`` of its ``.json`` member; samples whose image does not decode are skipped and named
+    in the report (``skipped_samples``, ``skipped_examples``), as are bad samples.
+
+    Example:
+        >>> evaluate_zeroshot_shards(model, ShardCorpus("shards/emoji-test"), "category", templates="simple")
+    """
+    labels: list[str] = []
+    undecodable: list[tuple[str, str]] = []
+
+    def on_rows(batch: dict, rows: list[int], first: int) -> None:
+        for i in rows:
+            if not batch["ok"][i]:
+                undecodable.append((batch["source"][i], batch["error"][i]))
+            if batch["label"][i] is None:
+                raise ValueError(f"{batch['source'][i]}: no field '{label_column}' in its .json (fields: "
+                                 f"{batch['fields'][i]}); set --label-column")
+            labels.append(str(batch["label"][i]))
+
+    def describe(index: int, row: Any) -> dict:
+        return {"label": row.extras.get(label_column), "fields": sorted(row.extras)}
+
+    name = dataset_name or corpus.name
+    images = _shard_features(model, corpus, batch_size, num_workers, progress, describe=describe, on_rows=on_rows)
+    ordered = [labels[i] for i in torch.argsort(images["rank"]).tolist()]
+    ok = images["ok"].tolist()
+    skipped = images["skipped"] + undecodable
+    if not any(ok):
+        raise ValueError(f"{name}: the shards hold no usable labelled samples ({len(skipped)} skipped)")
+    features = images["features"][images["ok"]]
+    return _zeroshot(model, [label for label, good in zip(ordered, ok) if good], name, lambda classifier: features,
+                     classnames, templates, batch_size, progress, model_name, confusion_png,
+                     **_skipped_report(skipped))

@@ -9,6 +9,11 @@ Layout of an export folder ``OUT`` (shard ``k`` covers corpus rows ``[k*S, min((
     OUT/text_meta/000000.parquet row, caption
     OUT/.export.json             signature and arguments of the export, so a resume can check them
 
+Exported from WebDataset shards, shard ``k`` holds input shard ``k``'s samples instead; ``row`` is the
+sample's running number (a skipped bad sample leaves its number unused), ``image`` its original path
+from its ``.json`` (else ``shard.tar:key``), and ``manifest.json``'s ``input`` names the skipped samples.
+The files and their reading are the same.
+
 Example:
     >>> emb = EmbeddingSet.open("emb/pairs")
     >>> emb.image_embeddings().shape, emb.text_metadata().columns.tolist()

@@ -3,6 +3,8 @@
 Shard ``k`` covers corpus rows ``[k*S, min((k+1)*S, N))``; the folder layout is described in
 :mod:`vlpretrain.retrieval.embedding_set`, which reads a finished export back. ``meta/k.parquet`` is
 written last per shard and ``manifest.json`` last of all, so a rerun resumes from the finished shards.
+From WebDataset shards (a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`) embedding shard ``k``
+holds input shard ``k``'s samples instead, streamed (as clip-retrieval does).
 
 Example:
     >>> from vlpretrain.data import open_corpus
@@ -15,8 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections import deque
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +29,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..inference import encode_texts, image_feature_batches
+from ..data.shard_corpus import ShardCorpus, ShardItemStream, original_path
+from ..inference import encode_texts, image_feature_batches, shard_feature_batches
 from ..io import atomic_write, read_json, write_json
 from .embedding_set import FORMAT, MANIFEST_NAME, META_COLUMNS, STATE_NAME, EmbeddingSet, shard_name
 from .signature import check_same_model, model_signature
@@ -39,6 +44,8 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 SHARD_FOLDERS = ("image", "text", "meta", "text_meta")
 MAX_BAD_IMAGES_LOGGED = 20
+# Parquet schema metadata of meta/k.parquet (input shards only): the bad samples skipped, [[source, reason]].
+SKIPPED_KEY = b"vlpretrain.skipped"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -93,7 +100,8 @@ def _meta_table(shard: dict[str, list], extra_names: dict[str, str]):
 
 
 def _write_shard(out: Path, k: int, shard: dict[str, list], image_features: Optional[np.ndarray],
-                 text_features: Optional[np.ndarray], dtype: str, extra_names: dict[str, str]) -> None:
+                 text_features: Optional[np.ndarray], dtype: str, extra_names: dict[str, str],
+                 skipped: Optional[list[tuple[str, str]]] = None) -> None:
     """Write shard ``k``'s files; ``meta/k.parquet`` goes last, so it alone marks the shard finished."""
     import pyarrow as pa
 
@@ -105,7 +113,10 @@ def _write_shard(out: Path, k: int, shard: dict[str, list], image_features: Opti
         captions = [c for caps in shard["captions"] for c in caps]
         _save_parquet(out / "text_meta" / shard_name(k, "parquet"),
                       pa.table({"row": pa.array(rows, pa.int64()), "caption": pa.array(captions, pa.string())}))
-    _save_parquet(out / "meta" / shard_name(k, "parquet"), _meta_table(shard, extra_names))
+    meta = _meta_table(shard, extra_names)
+    if skipped is not None:
+        meta = meta.replace_schema_metadata({**(meta.schema.metadata or {}), SKIPPED_KEY: json.dumps(skipped)})
+    _save_parquet(out / "meta" / shard_name(k, "parquet"), meta)
 
 
 def _extra_columns(corpus: Any, first_extras: dict[str, Any]) -> dict[str, str]:
@@ -157,8 +168,94 @@ def _encode_shards(model, corpus: Any, out: Path, shards: list[int], n: int, *, 
         logger.warning("%d more bad images not listed (%d in all in this process)", bad - MAX_BAD_IMAGES_LOGGED, bad)
 
 
+def _describe_sample(index: int, row: Any) -> dict[str, Any]:
+    """What meta/*.parquet keeps of an input-shard sample: its original path (else ``shard.tar:key``)."""
+    return {"path": original_path(row), "captions": list(row.captions), "extras": dict(row.extras)}
+
+
+def _new_shard() -> dict[str, list]:
+    return {key: [] for key in ("row", "path", "captions", "ok", "extras", "features", "skipped")}
+
+
+def _encode_input_shards(model, corpus: ShardCorpus, out: Path, shards: list[int], n: Optional[int], *,
+                         shard_size: Optional[int],
+                         batch_size: int, num_workers: int, modalities: list[str], dtype: str, device: torch.device,
+                         progress: bool) -> None:
+    """Encode input shards ``shards`` (this process's share), streamed: embedding shard ``k`` holds input
+    shard ``k``'s samples; a sample's row is its running number (offset of shard ``k``, from the
+    listed counts of the shards before it, plus its position), so rows never collide across processes.
+    Shard ``k`` is written once its worker has moved past it (or the stream has ended)."""
+    if not shards:
+        return
+    listed = [corpus.listed_samples(k) for k in range(max(shards) + 1)]
+    offsets = np.concatenate([[0], np.cumsum(listed)]).tolist()
+    want_images, workers = "image" in modalities, max(num_workers, 1)
+    pending = [deque(ShardItemStream.split(shards, w, workers)) for w in range(workers)]
+    open_shards: dict[int, dict[str, list]] = {}
+    bad = 0
+
+    def finish(k: int) -> None:
+        shard = open_shards.pop(k, None) or _new_shard()
+        captions = [c for caps in shard["captions"] for c in caps]
+        texts = encode_texts(model, captions, batch_size, device).numpy() if "text" in modalities else None
+        images = None
+        if want_images:
+            images = torch.stack(shard["features"]).numpy() if shard["features"] else \
+                np.zeros((0, model.embed_dim), np.float32)
+        extra_names = _extra_columns(corpus, dict.fromkeys(name for extras in shard["extras"] for name in extras))
+        _write_shard(out, k, shard, images, texts, dtype, extra_names, skipped=shard["skipped"])
+
+    for batch in shard_feature_batches(model, corpus, shards, batch_size, device, num_workers, progress,
+                                       decode=want_images, describe=_describe_sample, desc="embed"):
+        for i, k in enumerate(batch["shard"]):
+            queue = pending[batch["worker"][i]]
+            while queue[0] != k:  # this worker has moved on: its earlier shards are complete
+                finish(queue.popleft())
+            if k not in open_shards:
+                open_shards[k] = _new_shard()
+            shard = open_shards[k]
+            if batch["skip"][i] is not None:
+                shard["skipped"].append((batch["source"][i], batch["skip"][i]))
+                continue
+            if batch["position"][i] >= listed[k]:
+                raise ValueError(f"{corpus.shards[k].path}: holds more samples than the {listed[k]} its manifest "
+                                 f"lists; write the shards again with `vlp data shard` or remove the manifest")
+            shard["row"].append(offsets[k] + batch["position"][i])
+            for key in ("path", "captions", "extras"):
+                shard[key].append(batch[key][i])
+            shard["ok"].append(bool(batch["ok"][i]))
+            shard["features"].append(batch["features"][i])
+            if want_images and not batch["ok"][i]:
+                bad += 1
+                if bad <= MAX_BAD_IMAGES_LOGGED:
+                    logger.warning("bad image, kept as a zero vector (ok=False): %s: %s", batch["source"][i],
+                                   batch["error"][i])
+    for queue in pending:
+        while queue:
+            finish(queue.popleft())
+    if bad > MAX_BAD_IMAGES_LOGGED:
+        logger.warning("%d more bad images not listed (%d in all in this process)", bad - MAX_BAD_IMAGES_LOGGED, bad)
+
+
+def _input_shards_summary(out: Path, num_shards: int, corpus: ShardCorpus) -> tuple[int, dict[str, Any]]:
+    """Rows written and the manifest's ``input`` record (shards, skipped samples) of an export from shards."""
+    import pyarrow.parquet as pq
+
+    rows, skipped = 0, []
+    for k in range(num_shards):
+        meta = out / "meta" / shard_name(k, "parquet")
+        rows += pq.read_metadata(meta).num_rows
+        skipped += json.loads((pq.read_schema(meta).metadata or {}).get(SKIPPED_KEY, b"[]"))
+    if skipped:
+        logger.warning("%d bad input samples skipped, e.g. %s", len(skipped),
+                       "; ".join(f"{source}: {why}" for source, why in skipped[:3]))
+    return rows, {"input": {"spec": corpus.spec, "shards": [s.name for s in corpus.shards],
+                            "skipped_samples": len(skipped),
+                            "skipped_examples": [f"{source}: {why}" for source, why in skipped[:MAX_BAD_IMAGES_LOGGED]]}}
+
+
 def _write_manifest(out: Path, signature: dict[str, Any], settings: dict[str, Any], num_shards: int,
-                    dim: int) -> dict[str, Any]:
+                    dim: int, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Count what the shards hold and write ``manifest.json`` (atomically, last of all files)."""
     import pyarrow.parquet as pq
 
@@ -176,6 +273,7 @@ def _write_manifest(out: Path, signature: dict[str, Any], settings: dict[str, An
         "modalities": modalities, "shard_size": settings["shard_size"], "num_shards": num_shards,
         "counts": {"rows": rows, "image": rows if "image" in modalities else 0, "text": texts, "bad_images": bad},
         "data": settings["data"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
     }
     write_json(manifest, out / MANIFEST_NAME)
     return manifest
@@ -217,12 +315,13 @@ def _check_existing(out: Path, model, spec: Optional[str], settings: dict[str, A
                      advice=f"pick another --out or delete {out}")
     old = {"data": record.get("data"), "shard_size": record.get("shard_size"), "dtype": record.get("dtype"),
            "modalities": record.get("modalities"),
-           "rows": record.get("counts", {}).get("rows") if manifest else record.get("rows")}
+           "rows": record.get("counts", {}).get("rows") if manifest else record.get("rows"),
+           "input_shards": record.get("input_shards")}
     labels = {"data": lambda v: f"data {v!r}", "shard_size": lambda v: f"shard size {v}",
               "dtype": lambda v: f"dtype {v}", "modalities": lambda v: "modality " + "+".join(v or []),
-              "rows": lambda v: f"a corpus of {v} rows"}
+              "rows": lambda v: f"a corpus of {v} rows", "input_shards": lambda v: f"{v} input shards"}
     for key, label in labels.items():
-        if old[key] != settings[key]:
+        if key in settings and old[key] != settings[key]:  # rows: not known before reading input shards
             raise ValueError(f"{out} holds an export made with {label(old[key])}, not {label(settings[key])}: "
                              f"pick another --out or delete {out}")
     return record if manifest else None
@@ -267,6 +366,11 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
     writes the manifest once all are done. Images that cannot be decoded keep their row with a zero
     embedding and ``ok=False``; they are logged and counted in the manifest.
 
+    ``corpus`` may be a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`: then ``shard_size`` is unused,
+    embedding shard ``k`` holds input shard ``k``'s samples (streamed over ``num_workers`` decoding
+    workers; ``row`` is the sample's running number, ``image`` its original path from its ``.json``,
+    else ``shard.tar:key``), and the manifest's ``input`` names the bad samples skipped.
+
     ``spec`` names the model (stored in the signature); ``data_spec`` names the corpus (stored and
     checked on resume). ``modalities``: "image" and/or "text"; without "image" no image is decoded
     and ``ok`` is True for every row. ``counts`` in the manifest count the embeddings written
@@ -291,17 +395,19 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
         if not isinstance(value, int) or value < least:
             raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
     out = Path(out)
-    n = len(corpus)
+    from_shards = isinstance(corpus, ShardCorpus)
+    n = None if from_shards else len(corpus)
     if n == 0:
         raise ValueError(f"{data_spec or getattr(corpus, 'name', 'corpus')}: no usable rows to embed")
-    num_shards = math.ceil(n / shard_size)
+    num_shards = corpus.num_shards if from_shards else math.ceil(n / shard_size)
 
     acc = accelerator if accelerator is not None else _Single(next(model.parameters()).device)
     device = acc.device
     if accelerator is not None:
         model.to(device)
     signature = model_signature(model, spec)
-    settings = {"data": str(data_spec), "shard_size": shard_size, "dtype": dtype, "modalities": modalities, "rows": n}
+    settings = {"data": str(data_spec), "shard_size": None if from_shards else shard_size, "dtype": dtype,
+                "modalities": modalities, **({"input_shards": num_shards} if from_shards else {"rows": n})}
 
     # Every process reads the folder before anyone writes, so all of them see the same state.
     finished = _check_existing(out, model, spec, settings)
@@ -312,7 +418,7 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
                              f"meta/{shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
         if acc.is_main_process:
             logger.info("%s: export already finished (%d rows, %d shards, same model and arguments); nothing to do",
-                        out, n, num_shards)
+                        out, finished["counts"]["rows"], num_shards)
         return EmbeddingSet.open(out)
     done = _finished_shards(out, num_shards)
     acc.wait_for_everyone()
@@ -327,16 +433,19 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
     acc.wait_for_everyone()
 
     mine = [k for k in range(num_shards) if k % acc.num_processes == acc.process_index and k not in done]
-    _encode_shards(model, corpus, out, mine, n, shard_size=shard_size, batch_size=batch_size,
-                   num_workers=num_workers, modalities=modalities, dtype=dtype, device=device,
-                   progress=progress and acc.is_main_process)
+    encode = _encode_input_shards if from_shards else _encode_shards
+    encode(model, corpus, out, mine, n, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+           modalities=modalities, dtype=dtype, device=device, progress=progress and acc.is_main_process)
 
     acc.wait_for_everyone()
     missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
     if missing:
         raise ValueError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
                            f"arguments to resume")
-    if acc.is_main_process:
+    if acc.is_main_process and from_shards:
+        rows, extra = _input_shards_summary(out, num_shards, corpus)
+        _write_manifest(out, signature, {**settings, "rows": rows}, num_shards, model.embed_dim, extra)
+    elif acc.is_main_process:
         _write_manifest(out, signature, settings, num_shards, model.embed_dim)
     acc.wait_for_everyone()
     return EmbeddingSet.open(out)
