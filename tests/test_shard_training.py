@@ -137,6 +137,27 @@ def test_training_from_shards_writes_a_model(tmp_path):
     assert model.encode_text(model.tokenizer(["a red square"])).shape == (1, 16)
 
 
+def test_validation_on_shards_equals_validation_on_a_listed_corpus(tmp_path):
+    """data.val may be shards too: the trainer's validation streams them, with the numbers of the same
+    samples read as a listed corpus."""
+    from vlpretrain.data.shard_corpus import ShardCorpus
+    from vlpretrain.data.shard_format import read_shard_samples
+    from vlpretrain.data.corpus import CorpusRow
+    from vlpretrain.training.validation import validate
+
+    write_test_shards(tmp_path / "shards", [6, 5, 7], manifest=True)
+    paths = write_test_shards(tmp_path / "val", [5, 4], manifest=True)
+    recipe = _recipe(tmp_path, "run", tmp_path / "shards", epochs=1)
+    recipe["data"]["val"] = str(tmp_path / "val")
+    result = train(recipe_from_dict(recipe))
+    val = [r for r in read_metrics(tmp_path / "run") if r.get("split") == "val"]
+    assert len(val) == 1 and val[0]["image_retrieval_recall@1"] == result.val_metrics[0]["image_retrieval_recall@1"]
+    model = load_model(result.final_dir)
+    listed = [CorpusRow(s.image, s.captions, source=s.source) for p in paths for s in read_shard_samples(p, print)]
+    streamed = validate(model, ShardCorpus(tmp_path / "val"), batch_size=4)
+    assert streamed == validate(model, listed, batch_size=4)
+
+
 def test_shards_without_manifest_need_a_sample_count(tmp_path):
     write_test_shards(tmp_path / "shards", [6, 5])
     pattern = str(tmp_path / "shards" / "{00000..00001}.tar")

@@ -36,7 +36,7 @@ __all__ = [
     "eval_mode", "encode_images", "encode_texts", "encode_image_rows", "encode_corpus", "image_feature_batches",
     "ImageItems", "collate_images", "load_image", "EncodedImages",
     "itm_pair_scores", "itm_rerank", "combined_scores", "model_logit_scale", "corpus_image_loader",
-    "RERANK_SCORES", "BAD_IMAGE_SCORE", "shard_feature_batches",
+    "RERANK_SCORES", "BAD_IMAGE_SCORE",
 ]
 
 ImagesLike = Union[torch.Tensor, Any, Sequence[Any], Iterable[Any]]
@@ -316,12 +316,20 @@ def encode_corpus(model, corpus: Any, batch_size: int = 256, device: DeviceLike 
     """Normalized features for all images and all captions of ``corpus``.
 
     Returns ``image_features`` (N, D), ``text_features`` (M, D), ``text_to_image`` (M,), ``captions``
-    (M strings) and ``bad_images`` (indices that failed to load; their features are zero).
+    (M strings) and ``bad_images`` (indices that failed to load; their features are zero). Shards
+    (a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`) are streamed: ``captions`` is None there and
+    ``skipped`` names the bad samples.
 
     Example:
         >>> feats = encode_corpus(model, open_corpus("data/test.csv"))
         >>> retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"])
     """
+    from .data.shard_corpus import ShardCorpus
+
+    if isinstance(corpus, ShardCorpus):  # streamed, never listed: see inference_shards
+        from .inference_shards import encode_shard_corpus
+
+        return encode_shard_corpus(model, corpus, batch_size, num_workers, progress)
     images = encode_image_rows(model, corpus, batch_size, device, num_workers, progress)
     captions, text_to_image = [], []
     for index in range(len(corpus)):
@@ -476,24 +484,3 @@ def model_logit_scale(model) -> float:
     if scale is None:
         raise ValueError("itm+itc re-ranking needs the model's contrastive logit_scale; this model has none")
     return float(torch.as_tensor(scale).detach().float().exp())
-
-
-# ----------------------------------------------------------------------------- shards, streamed
-
-
-def shard_feature_batches(model, corpus: Any, shards: Optional[Sequence[int]] = None, batch_size: int = 256,
-                          device: DeviceLike = None, num_workers: int = 0, progress: bool = False, decode: bool = True,
-                          describe: Optional[Callable[[int, Any], dict[str, Any]]] = None,
-                          desc: str = "encode images") -> Iterator[dict[str, Any]]:
-    """:func:`image_feature_batches` over a :class:`~vlpretrain.data.shard_corpus.ShardCorpus`, streamed: the
-    ``j``-th of ``shards`` (default: all) is read and decoded by DataLoader worker ``j % num_workers``, and
-    nothing of the corpus is listed. Items also carry ``shard``, ``position``, ``worker``, ``source`` and
-    ``skip`` (a bad sample's reason: no row, zero features); ``(shard, position)`` restores corpus order.
-
-    Example:
-        >>> for batch in shard_feature_batches(model, ShardCorpus("shards/"), num_workers=2):
-        ...     rows = [i for i, why in enumerate(batch["skip"]) if why is None]
-    """
-    items = ImageItems([], model.preprocess, on_bad_image="zero", decode=decode, describe=describe)
-    yield from image_feature_batches(model, corpus.stream(items.load, shards), batch_size, device, num_workers,
-                                     progress, on_bad_image="zero", decode=decode, desc=desc)

@@ -13,6 +13,7 @@ import torch
 from ..data.labelled import LabelledImages
 from ..data.shard_corpus import ShardCorpus
 from ..io import save_figure
+from ..inference_shards import shard_features
 from ..inference import corpus_image_loader, encode_corpus, encode_images
 from .classification_metrics import classification_metrics
 from .classnames import load_classnames, match_labels
@@ -183,7 +184,7 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
     if not shards and len(corpus) == 0:
         raise ValueError(f"{name}: the corpus has no rows to evaluate")
     if shards:
-        feats = _encode_shard_corpus(model, corpus, batch_size, num_workers, progress)
+        feats = encode_corpus(model, corpus, batch_size, num_workers=num_workers, progress=progress)
         if len(feats["image_features"]) == 0:
             raise ValueError(f"{name}: the shards hold no usable samples ({len(feats['skipped'])} skipped)")
     else:
@@ -221,72 +222,6 @@ def _skipped_report(skipped: list[tuple[str, str]]) -> dict:
             "skipped_examples": [f"{source}: {reason}" for source, reason in skipped[:MAX_SKIPPED_REPORTED]]}
 
 
-def _shard_features(model, corpus: ShardCorpus, batch_size: int, num_workers: int, progress: bool,
-                    describe: Optional[Callable] = None, on_rows: Optional[Callable] = None) -> dict:
-    """Image features of every usable sample of ``corpus``, streamed (decoded in ``num_workers`` workers)
-    and put back in corpus order (shard, then position), without keeping the samples' metadata.
-
-    ``on_rows(batch, rows, first)`` sees each batch's sample rows (indices into the batch) as they
-    arrive; ``first`` is the arrival number of the first. Returns ``features`` (N, D) and ``ok`` (N,) in
-    corpus order, ``rank`` (arrival number -> corpus-order index) and ``skipped`` [(source, reason)].
-    """
-    from ..inference import shard_feature_batches
-
-    keys, chunks, oks, skipped = [], [], [], []
-    for batch in shard_feature_batches(model, corpus, batch_size=batch_size, num_workers=num_workers,
-                                       progress=progress, describe=describe, desc=f"encode {corpus.name}"):
-        rows = [i for i, why in enumerate(batch["skip"]) if why is None]
-        skipped.extend((batch["source"][i], why) for i, why in enumerate(batch["skip"]) if why is not None)
-        if not rows:
-            continue
-        if on_rows is not None:
-            on_rows(batch, rows, len(keys))
-        keys.extend((batch["shard"][i] << 32) + batch["position"][i] for i in rows)
-        chunks.append(batch["features"][rows])
-        oks.append(batch["ok"][rows])
-    for source, why in skipped[:MAX_SKIPPED_REPORTED]:
-        logger.warning("skipped bad shard sample %s: %s", source, why)
-    order = torch.argsort(torch.tensor(keys, dtype=torch.long), stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    features = torch.cat(chunks)[order] if chunks else torch.zeros(0, model.embed_dim)
-    ok = torch.cat(oks)[order] if oks else torch.zeros(0, dtype=torch.bool)
-    return {"features": features, "ok": ok, "rank": rank, "skipped": skipped}
-
-
-def _encode_shard_corpus(model, corpus: ShardCorpus, batch_size: int, num_workers: int, progress: bool) -> dict:
-    """:func:`~vlpretrain.inference.encode_corpus` for shards, streamed: captions are encoded as they arrive,
-    ``batch_size`` at a time (the same batches as encode_corpus when read in one process, so the features
-    match the table's), and only features and ``text_to_image`` are kept (``captions`` is None)."""
-    from ..inference import encode_texts
-
-    pending: list[str] = []
-    owners: list[int] = []
-    text_chunks: list[torch.Tensor] = []
-
-    def encode(count: int) -> None:
-        text_chunks.append(encode_texts(model, pending[:count], batch_size))
-        del pending[:count]
-
-    def on_rows(batch: dict, rows: list[int], first: int) -> None:
-        for n, i in enumerate(rows):
-            pending.extend(batch["captions"][i])
-            owners.extend([first + n] * len(batch["captions"][i]))
-        while len(pending) >= batch_size:
-            encode(batch_size)
-
-    images = _shard_features(model, corpus, batch_size, num_workers, progress,
-                             describe=lambda index, row: {"captions": list(row.captions)}, on_rows=on_rows)
-    if pending:
-        encode(len(pending))
-    text_to_image = images["rank"][torch.tensor(owners, dtype=torch.long)]
-    order = torch.argsort(text_to_image, stable=True)  # captions of an image stay in their order
-    text_features = torch.cat(text_chunks)[order] if text_chunks else torch.zeros(0, model.embed_dim)
-    return {"image_features": images["features"], "text_features": text_features,
-            "text_to_image": text_to_image[order], "captions": None,
-            "bad_images": torch.nonzero(~images["ok"]).flatten().tolist(), "skipped": images["skipped"]}
-
-
 def evaluate_zeroshot_shards(model, corpus: ShardCorpus, label_column: str = "label",
                              classnames: Union[None, str, Sequence[str], dict] = None,
                              templates: Any = "openai_imagenet", batch_size: int = 256, num_workers: int = 0,
@@ -315,7 +250,7 @@ def evaluate_zeroshot_shards(model, corpus: ShardCorpus, label_column: str = "la
         return {"label": row.extras.get(label_column), "fields": sorted(row.extras)}
 
     name = dataset_name or corpus.name
-    images = _shard_features(model, corpus, batch_size, num_workers, progress, describe=describe, on_rows=on_rows)
+    images = shard_features(model, corpus, batch_size, num_workers, progress, describe=describe, on_rows=on_rows)
     ordered = [labels[i] for i in torch.argsort(images["rank"]).tolist()]
     ok = images["ok"].tolist()
     skipped = images["skipped"] + undecodable

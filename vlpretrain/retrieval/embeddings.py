@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..data.shard_corpus import ShardCorpus, ShardItemStream, original_path
-from ..inference import encode_texts, image_feature_batches, shard_feature_batches
+from ..inference import encode_texts, image_feature_batches
+from ..inference_shards import shard_feature_batches
 from ..io import atomic_write, read_json, write_json
 from .embedding_set import FORMAT, MANIFEST_NAME, META_COLUMNS, STATE_NAME, EmbeddingSet, shard_name
 from .signature import check_same_model, model_signature
