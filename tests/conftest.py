@@ -25,3 +25,20 @@ def checkpoint(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         build_model(tiny_model_config()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    """The session checkpoint, loaded once per test module, in eval mode."""
+    from vlpretrain.models import load_model
+
+    return load_model(checkpoint).eval()
+
+
+@pytest.fixture
+def reset_accelerate():
+    """A command run in this process makes an Accelerator; forget its global state afterwards."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)

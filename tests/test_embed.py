@@ -21,7 +21,7 @@ from PIL import Image
 from vlpretrain.cli.main import main
 from vlpretrain.data import open_corpus
 from vlpretrain.data.images import load_rgb
-from vlpretrain.models import build_model, load_model
+from vlpretrain.models import build_model
 from vlpretrain.retrieval import embeddings as emb_module
 from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 from vlpretrain.retrieval.signature import model_signature
@@ -29,20 +29,6 @@ from vlpretrain.retrieval.signature import model_signature
 from helpers import tiny_model_config
 
 LABELS = ["cat", "dog", "fish"]
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint).eval()
-
-
-@pytest.fixture
-def reset_accelerate():
-    """The CLI makes an Accelerator in this process; forget its global state afterwards."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 def write_corpus(folder: Path, n: int, bad: tuple[int, ...] = (), two_columns: bool = False) -> Path:

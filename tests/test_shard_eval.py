@@ -20,26 +20,11 @@ from vlpretrain.data.shard_format import sample_key, shard_name
 from vlpretrain.data.labelled import open_labelled_images
 from vlpretrain.evaluation.tasks import evaluate_retrieval, evaluate_zeroshot, evaluate_zeroshot_shards
 from vlpretrain.inference import encode_images
-from vlpretrain.models import load_model
 from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 
 from helpers import write_image_csv, write_test_shards
 
 LABELS = ["cat", "dog", "fish"]
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint).eval()
-
-
-@pytest.fixture
-def reset_accelerate():
-    """`vlp embed` makes an Accelerator in this process; forget its global state afterwards."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import time
 from pathlib import Path
-from typing import Iterator
 
-from .options import CORPUS_HELP, add_corpus_options, add_progress_option
+from .options import CORPUS_HELP, add_corpus_options, add_progress_option, console_logging
 
 SHARD_DESCRIPTION = """\
 Write a corpus as WebDataset tar shards (img2dataset's layout), each image decoded once, resized and
@@ -65,22 +62,6 @@ def add_parser(commands) -> None:
     s.set_defaults(run=run_shard)
 
 
-@contextlib.contextmanager
-def _console_logging() -> Iterator[None]:
-    """The writer's INFO lines (resuming, already finished) on stderr while the command runs."""
-    root = logging.getLogger("vlpretrain")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("vlp data shard: %(message)s"))
-    old_level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -106,7 +87,7 @@ def run_shard(args) -> int:
                   max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels).validate()
     data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
     started = time.perf_counter()
-    with _console_logging():
+    with console_logging("vlp data shard"):
         corpus = open_named_corpus(src, data, args.split)
         manifest = write_shards(corpus, args.out, image_size=args.image_size, max_side=args.max_side,
                                 shard_size=args.shard_size, image_format=args.image_format, quality=args.quality,

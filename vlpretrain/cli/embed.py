@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator
 
-from .options import add_batch_options, add_corpus_options, add_model_option, add_progress_option
+from .options import add_batch_options, add_corpus_options, add_model_option, add_progress_option, console_logging
 
 DESCRIPTION = """\
 Encode every image and every caption of a corpus with a model's eval preprocessing, into OUT:
@@ -48,23 +46,6 @@ def add_parser(commands) -> None:
     p.set_defaults(run=run)
 
 
-@contextlib.contextmanager
-def _console_logging(rank: int, is_main: bool) -> Iterator[None]:
-    """Log lines to stderr while the command runs: INFO on the main process, warnings on the others."""
-    root = logging.getLogger("vlpretrain")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("vlp embed: %(message)s" if is_main else f"vlp embed [rank {rank}]: %(message)s"))
-    handler.setLevel(logging.INFO if is_main else logging.WARNING)
-    old_level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-
-
 def run(args) -> int:
     import torch
     from accelerate import Accelerator
@@ -79,7 +60,8 @@ def run(args) -> int:
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
     # cpu=True when there is no GPU is what lets `accelerate launch` run gloo processes on a CPU box.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    with _console_logging(accelerator.process_index, accelerator.is_main_process):
+    with console_logging("vlp embed" if accelerator.is_main_process else f"vlp embed [rank {accelerator.process_index}]",
+                         logging.INFO if accelerator.is_main_process else logging.WARNING):
         # The main process first: opening emoji:SPLIT builds the demo corpus once, not once per process.
         with accelerator.main_process_first():
             corpus = open_named_corpus(args.data, data, args.split)

@@ -11,7 +11,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import contextlib
+import logging
+from typing import Iterator, Optional
 
 MODEL_HELP = "checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME"
 CORPUS_HELP = ("a CSV/TSV/JSONL/parquet table, a saved or imagefolder dataset, hf:NAME, or emoji:SPLIT "
@@ -57,3 +59,26 @@ def add_batch_options(p: argparse.ArgumentParser, workers: Optional[int] = None,
 
 def add_progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@contextlib.contextmanager
+def console_logging(prefix: str, level: int = logging.INFO) -> Iterator[None]:
+    """The library's log lines (``vlpretrain.*``) on stderr as ``PREFIX: message`` while a command runs;
+    ``level`` filters them (e.g. warnings only on the non-main processes of a multi-process run).
+
+    Example:
+        >>> with console_logging("vlp embed"):
+        ...     export_embeddings(...)
+    """
+    root = logging.getLogger("vlpretrain")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    handler.setLevel(level)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
