@@ -179,8 +179,8 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def resolve_shards(spec: Union[str, os.PathLike], verify: bool = False) -> list[ShardInfo]:
-    """The shards a spec names, in order, each checked to exist (and, with ``verify``, its size and
-    SHA-256 against the manifest). Every problem is one line naming the file and the fix.
+    """The shards a spec names, in order, each checked to exist and to have the size its manifest says
+    (and, with ``verify``, the SHA-256). Every problem is one line naming the file and the fix.
 
     Example:
         >>> resolve_shards("shards/{00000..00001}.tar")
@@ -217,11 +217,11 @@ def _from_manifest(manifest_path: Path, verify: bool) -> list[ShardInfo]:
         if not shard.path.is_file():
             raise FileNotFoundError(f"{shard.path}: listed in {manifest_path} but missing; rerun `vlp data shard` "
                                     f"with the same arguments to write it again")
+        size = shard.path.stat().st_size  # cheap, so always: a truncated copy fails here, not mid-epoch
+        if shard.bytes is not None and size != shard.bytes:
+            raise ValueError(f"{shard.path}: {size} bytes, {manifest_path} says {shard.bytes}: the shard is "
+                             f"truncated or was changed; write it again with `vlp data shard`")
         if verify:
-            size = shard.path.stat().st_size
-            if shard.bytes is not None and size != shard.bytes:
-                raise ValueError(f"{shard.path}: {size} bytes, {manifest_path} says {shard.bytes}: the shard is "
-                                 f"truncated or was changed; write it again with `vlp data shard`")
             if shard.sha256 is not None and sha256_of(shard.path) != shard.sha256:
                 raise ValueError(f"{shard.path}: SHA-256 does not match {manifest_path}: the shard is corrupt or "
                                  f"was changed; write it again with `vlp data shard`")
