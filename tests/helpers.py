@@ -162,3 +162,21 @@ def write_test_shards(folder: Path, sizes: list[int], manifest: bool = False, ca
         (folder / "manifest.json").write_text(json.dumps(
             {"format": MANIFEST_FORMAT, "samples": sum(sizes), "shards": entries}, indent=1))
     return paths
+
+
+def launch_two_processes(*vlp_args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 -m vlpretrain.cli.main VLP_ARGS`` (gloo on a CPU),
+    one thread each; fails the test with the output's tail when it does not exit 0.
+
+    Example: ``proc = launch_two_processes("embed", "--model", str(ckpt), "--data", str(csv), "--out", str(out))``
+    """
+    import os
+    import shutil
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate"), "launch",
+           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "vlpretrain.cli.main", *vlp_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc

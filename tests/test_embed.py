@@ -7,9 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from vlpretrain.retrieval import embeddings as emb_module
 from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 from vlpretrain.retrieval.signature import model_signature
 
-from helpers import tiny_model_config
+from helpers import launch_two_processes, tiny_model_config
 
 LABELS = ["cat", "dog", "fish"]
 
@@ -259,12 +256,7 @@ def test_two_processes_export_like_one(tmp_path, checkpoint, reset_accelerate):
     csv_path = write_corpus(tmp_path, 9, bad=(2,))
     common = ["--model", str(checkpoint), "--data", str(csv_path), "--shard-size", "2", "--batch-size", "2",
               "--num-workers", "0", "--dtype", "float32", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vlpretrain.cli.main", "embed", "--out", str(tmp_path / "two"), *common]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = launch_two_processes("embed", "--out", str(tmp_path / "two"), *common)
     # Row 2 is in shard 1, so process 1 decoded it: there really were two processes, sharing by k % 2.
     assert f"vlp embed [rank 1]: bad image, kept as a zero vector (ok=False): {csv_path}:row 3: " in proc.stderr
     assert proc.stdout.count("embedded 9 rows") == 1  # the summary comes from the main process only

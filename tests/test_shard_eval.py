@@ -22,7 +22,7 @@ from vlpretrain.evaluation.tasks import evaluate_retrieval, evaluate_zeroshot, e
 from vlpretrain.inference import encode_images
 from vlpretrain.retrieval import EmbeddingSet, export_embeddings
 
-from helpers import write_image_csv, write_test_shards
+from helpers import launch_two_processes, write_image_csv, write_test_shards
 
 LABELS = ["cat", "dog", "fish"]
 
@@ -208,10 +208,6 @@ def test_zeroshot_from_shards_reads_labels_from_the_json(tmp_path, checkpoint, m
 
 @pytest.mark.slow
 def test_two_processes_embed_shards_like_one(tmp_path, checkpoint, reset_accelerate):
-    import os
-    import shutil
-    import subprocess
-    import sys
 
     folder = tmp_path / "shards"
     write_test_shards(folder, [3, 2, 4])
@@ -220,12 +216,7 @@ def test_two_processes_embed_shards_like_one(tmp_path, checkpoint, reset_acceler
     corrupt, _ = _bad_members(folder)
     common = ["--model", str(checkpoint), "--data", str(folder), "--batch-size", "2", "--num-workers", "1",
               "--dtype", "float32", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vlpretrain.cli.main", "embed", "--out", str(tmp_path / "two"), *common]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = launch_two_processes("embed", "--out", str(tmp_path / "two"), *common)
     # Input shard 1 holds the corrupt image, so process 1 (1 % 2) decoded it: input shards are split k % world.
     assert f"vlp embed [rank 1]: bad image, kept as a zero vector (ok=False): {folder / shard_name(1)}:{corrupt}: " \
         in proc.stderr

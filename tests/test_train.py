@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from vlpretrain.config import recipe_from_dict
 from vlpretrain.models import load_model
 from vlpretrain.training import train
 
-from helpers import interrupt_at_step, read_metrics, tiny_recipe, vlp, write_image_csv
+from helpers import interrupt_at_step, launch_two_processes, read_metrics, tiny_recipe, vlp, write_image_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,12 +135,7 @@ def test_two_processes_train_like_one_with_the_global_batch(tmp_path):
     for recipe in (two, one):
         recipe["data"]["augmentation"] = {"scale": [0.5, 1.0]}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vlpretrain.cli.main", "train", str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch_two_processes("train", str(tmp_path / "two.yaml"))
     assert (tmp_path / "two" / "train.rank1.log").exists()  # really two processes
 
     single = train(recipe_from_dict(one))

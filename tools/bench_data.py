@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DEFAULT_MODEL, run, throughput  # noqa: E402
+from bench_train import DEFAULT_MODEL, readable, run, throughput  # noqa: E402
 
 
 def make_corpus(folder: Path, count: int, min_mp: float, max_mp: float, seed: int) -> Path:
@@ -120,11 +120,6 @@ def bench_decode(csv: Path, shards: Path, work: Path, workers: int, batch_size: 
     return results
 
 
-def _readable(cmd: list[str], work: Path) -> str:
-    """A command as the results file records it: ``python`` and ``WORK`` (the temp folder), no machine paths."""
-    return " ".join(["python"] + cmd[1:]).replace(str(work), "WORK")
-
-
 def _vlp_train(data: str, work: Path, name: str, args, env: dict, num_samples: int) -> dict:
     model_dir = work / "model"
     recipe = {
@@ -142,7 +137,7 @@ def _vlp_train(data: str, work: Path, name: str, args, env: dict, num_samples: i
     records = [json.loads(line) for line in (work / f"train-{name}" / "metrics.jsonl").read_text().splitlines()]
     step_times = [args.batch_size / r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
     return {"pairs_per_s": throughput(step_times, args.batch_size), "peak_memory_mib": peak, "wall_s": wall,
-            "command": _readable(cmd, work)}
+            "command": readable(cmd, work)}
 
 
 def _open_clip_train(shards: Path, work: Path, args, env: dict, num_samples: int) -> dict:
@@ -157,7 +152,7 @@ def _open_clip_train(shards: Path, work: Path, args, env: dict, num_samples: int
     peak, wall = run(cmd, env, work / "open_clip.log")
     step_times = [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", (work / "open_clip.log").read_text())][1:]
     return {"pairs_per_s": throughput(step_times, args.batch_size), "peak_memory_mib": peak, "wall_s": wall,
-            "command": _readable(cmd, work)}
+            "command": readable(cmd, work)}
 
 
 def bench_train(csv: Path, shards: Path, work: Path, args, env: dict, num_samples: int) -> dict:

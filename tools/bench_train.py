@@ -75,6 +75,11 @@ def run(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float]:
     return peak, time.perf_counter() - start
 
 
+def readable(cmd: list[str], work: Path) -> str:
+    """A command as a results file records it: ``python`` and ``WORK`` (the temp folder), no machine paths."""
+    return " ".join(["python"] + cmd[1:]).replace(str(work), "WORK")
+
+
 def throughput(step_times: list[float], global_batch: int) -> float:
     if not step_times:
         raise RuntimeError("no step times logged after warm-up: raise --steps")
@@ -97,7 +102,7 @@ def bench_vlp(args, model_dir: Path, work: Path, env: dict) -> dict:
     # samples_per_s is per logged interval; convert back to step time so both sides average alike.
     step_times = [args.batch_size / r["samples_per_s"] for r in records if "samples_per_s" in r][1:]
     return {"pairs_per_s": throughput(step_times, args.batch_size), "peak_memory_mib": peak,
-            "wall_s": wall, "intervals": len(step_times), "command": " ".join(cmd)}
+            "wall_s": wall, "intervals": len(step_times), "command": readable(cmd, work)}
 
 
 def bench_open_clip(args, model_dir: Path, work: Path, env: dict) -> dict:
@@ -112,7 +117,7 @@ def bench_open_clip(args, model_dir: Path, work: Path, env: dict) -> dict:
     # "Batch (t): 0.924" is the mean step time of the interval since the previous log line.
     step_times = [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", text)][1:]
     return {"pairs_per_s": throughput(step_times, args.batch_size), "peak_memory_mib": peak,
-            "wall_s": wall, "intervals": len(step_times), "command": " ".join(cmd)}
+            "wall_s": wall, "intervals": len(step_times), "command": readable(cmd, work)}
 
 
 def _gpu_name() -> str:
