@@ -208,3 +208,23 @@ def test_training_streams_a_local_parquet_with_datasets_streaming(tmp_path):
         del recipe["data"]["train_num_samples"]
         recipe["train"]["output_dir"] = str(tmp_path / "run2")
         train(recipe_from_dict(recipe))
+
+
+@pytest.mark.slow
+def test_two_real_processes_train_from_uneven_shards(tmp_path):
+    """accelerate launch, 2 gloo processes x 2 workers over 7 shards of uneven sizes: both processes run the
+    same number of steps (none waits forever for the other at the gradient all-reduce) and the run ends
+    with a model. Which samples each process reads is tested above with the same ShardStream split."""
+    import yaml
+
+    from helpers import launch_two_processes
+
+    write_test_shards(tmp_path / "shards", SIZES, manifest=True)  # 29 samples: 3 steps of 2 x 4 per epoch
+    recipe = _recipe(tmp_path, "two", tmp_path / "shards", epochs=2, num_workers=2, shuffle_buffer=4)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
+    launch_two_processes("train", str(tmp_path / "two.yaml"))
+    assert (tmp_path / "two" / "train.rank1.log").exists()  # really two processes
+    steps = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 2 * (29 // 8) + 1))
+    model = load_model(tmp_path / "two" / "final")
+    assert model.encode_text(model.tokenizer(["a red square"])).shape == (1, 16)

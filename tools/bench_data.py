@@ -9,7 +9,8 @@ It makes its own corpus of large RGBA PNGs (nothing downloaded) and measures, in
 - ``vlp train`` pairs/s from the CSV and from the shards (same model, batch, threads, workers, fp32);
 - ``vlp train`` from the shards against ``python -m open_clip_train.main --dataset-type webdataset`` on the
   same shards, model, batch size, image size, threads, workers and precision (ratio);
-- peak RSS of ``vlp embed`` over shard sets of growing size (it should stay flat).
+- peak memory of ``vlp embed`` over shard sets of growing size (it should stay flat): the process tree's
+  RSS, and its PSS, which counts once the pages the decoding worker shares with its parent.
 
     python tools/bench_data.py --out results/bench_data.json
     python tools/bench_data.py --images 300 --embed-samples 20000,200000 --out results/bench_data.json
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DEFAULT_MODEL, readable, run, throughput  # noqa: E402
+from bench_train import DEFAULT_MODEL, readable, run, run_measured, throughput  # noqa: E402
 
 
 def make_corpus(folder: Path, count: int, min_mp: float, max_mp: float, seed: int) -> Path:
@@ -192,8 +193,8 @@ def bench_embed_memory(work: Path, sizes: list[int], env: dict, workers: int) ->
         shards = _tiny_shards(work / f"embed-shards-{size}", size)
         cmd = [sys.executable, "-m", "vlpretrain.cli.main", "embed", "--model", str(checkpoint), "--data", str(shards),
                "--out", str(work / f"embed-{size}"), "--num-workers", str(workers), "--no-progress"]
-        peak, wall = run(cmd, env, work / f"embed-{size}.log")
-        results[str(size)] = {"peak_memory_mib": peak, "wall_s": wall, "samples_per_s": size / wall}
+        measured = run_measured(cmd, env, work / f"embed-{size}.log", proportional=True)
+        results[str(size)] = {**measured, "samples_per_s": size / measured["wall_s"]}
     return results
 
 

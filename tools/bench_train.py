@@ -39,10 +39,13 @@ DEFAULT_MODEL = {
 
 
 class PeakMemory:
-    """Largest RSS (MiB) of a process and its children while it runs."""
+    """Largest RSS (MiB) of a process and its children while it runs; with ``proportional``, also the largest
+    sum of their PSS (``peak_pss``: a page shared by n processes counts 1/n in each), which does not count
+    twice the pages a forked DataLoader worker shares with its parent."""
 
-    def __init__(self, pid: int):
-        self.process, self.peak, self._stop = psutil.Process(pid), 0.0, threading.Event()
+    def __init__(self, pid: int, proportional: bool = False):
+        self.process, self.peak, self.peak_pss, self._stop = psutil.Process(pid), 0.0, 0.0, threading.Event()
+        self.proportional = proportional
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -50,8 +53,11 @@ class PeakMemory:
         while not self._stop.is_set():
             try:
                 procs = [self.process, *self.process.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in procs if p.is_running())
-                self.peak = max(self.peak, rss / 2**20)
+                info = [p.memory_full_info() if self.proportional else p.memory_info()
+                        for p in procs if p.is_running()]
+                self.peak = max(self.peak, sum(m.rss for m in info) / 2**20)
+                if self.proportional:
+                    self.peak_pss = max(self.peak_pss, sum(m.pss for m in info) / 2**20)
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -63,16 +69,25 @@ class PeakMemory:
 
 
 def run(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float]:
+    """Run ``cmd`` (output to ``log_path``); returns its peak RSS (MiB) and wall seconds, or raises with the
+    log's tail when it fails."""
+    measured = run_measured(cmd, env, log_path)
+    return measured["peak_rss_mib"], measured["wall_s"]
+
+
+def run_measured(cmd: list[str], env: dict, log_path: Path, proportional: bool = False) -> dict:
+    """:func:`run`, returning ``peak_rss_mib``, ``wall_s`` and, with ``proportional``, ``peak_pss_mib``."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        memory = PeakMemory(proc.pid)
+        memory = PeakMemory(proc.pid, proportional)
         code = proc.wait()
-        peak = memory.stop()
+        memory.stop()
     if code != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed with exit code {code}:\n{tail}")
-    return peak, time.perf_counter() - start
+    return {"peak_rss_mib": memory.peak, **({"peak_pss_mib": memory.peak_pss} if proportional else {}),
+            "wall_s": time.perf_counter() - start}
 
 
 def readable(cmd: list[str], work: Path) -> str:
