@@ -180,3 +180,23 @@ def launch_two_processes(*vlp_args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def huge_header_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1x1 PNG whose IHDR claims ``width`` x ``height`` (decoding it would need width x height x 3
+    bytes): for pixel-limit checks that must refuse it from the header alone.
+
+    Example: ``load_rgb(huge_header_png(tmp_path / "huge.png", 20_000, 20_000))`` raises BadImageError
+    """
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path

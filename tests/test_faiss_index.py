@@ -185,13 +185,20 @@ def test_tune_hnsw_smallest_ef(data):
     assert params == {"efSearch": min(e for e, r in recalls.items() if r >= target)}
 
 
-def test_build_is_seeded(data):
-    base, queries = data
-    a = build_faiss_index(base[:4000], "ivf", memory_budget=GB, seed=3, progress=False)
-    b = build_faiss_index(base[:4000], "ivf", memory_budget=GB, seed=3, progress=False)
-    ivfs = [faiss.extract_index_ivf(x) for x in (a, b)]
-    centroids = [ivf.quantizer.reconstruct_n(0, ivf.nlist) for ivf in ivfs]
-    np.testing.assert_array_equal(centroids[0], centroids[1])
+@pytest.mark.parametrize("train_size", [100_000, 0])  # all 4000 vectors train; a sample of 39 * nlist = 3978
+def test_build_is_seeded(data, train_size):
+    """The same seed gives the same index, byte for byte; another seed another one (k-means seeds, and
+    with a training sample smaller than n, the sample too)."""
+    base, _ = data
+
+    def build(seed: int) -> bytes:
+        index = build_faiss_index(base[:4000], "ivf", memory_budget=GB, seed=seed, train_size=train_size,
+                                  progress=False)
+        return faiss.serialize_index(index).tobytes()
+
+    same, again, other = build(3), build(3), build(4)
+    assert same == again
+    assert same != other
 
 
 def test_build_errors(data):

@@ -57,16 +57,20 @@ def _siglip_tokenizer():
                                                 unk_token="<unk>", model_max_length=64)
 
 
+def tiny_clip_config(tokenizer) -> "transformers.CLIPConfig":
+    """A tiny transformers CLIPConfig (32 px images) for ``tokenizer``'s vocabulary and special tokens."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    return transformers.CLIPConfig(
+        text_config=dict(TINY, vocab_size=len(tokenizer), max_position_embeddings=77, **ids),
+        vision_config=dict(TINY, image_size=32, patch_size=8), projection_dim=16)
+
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = _clip_tokenizer()
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = transformers.CLIPConfig(
-        text_config=dict(TINY, vocab_size=len(tokenizer), max_position_embeddings=77, **ids),
-        vision_config=dict(TINY, image_size=32, patch_size=8), projection_dim=16)
-    model = transformers.CLIPModel(config)
+    model = transformers.CLIPModel(tiny_clip_config(tokenizer))
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
     folder = tmp_path_factory.mktemp("hf") / "tiny-clip"

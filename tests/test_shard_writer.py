@@ -6,24 +6,23 @@ import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tarfile
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vlpretrain.cli.main import main
 from vlpretrain.data import TableCorpus
-from vlpretrain.data import shard_writer
 from vlpretrain.data.shard_format import read_shard_samples, resolve_shards
 from vlpretrain.data.shard_writer import STATE_NAME, write_shards
+
+from helpers import huge_header_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,17 +31,6 @@ def _noise(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image
     channels = {"RGB": 3, "L": 1}[mode]
     array = (np.random.default_rng(seed).random((height, width, channels)) * 255).astype("uint8")
     return Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode)
-
-
-def _huge_header_png(path: Path, width: int = 100_000, height: int = 100_000) -> None:
-    """A valid tiny PNG whose IHDR claims width x height (decoding it would need ~30 GB)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    path.write_bytes(bytes(data))
 
 
 def _corpus_csv(folder: Path) -> Path:
@@ -58,7 +46,7 @@ def _corpus_csv(folder: Path) -> Path:
     buffer = io.BytesIO()
     _noise(64, 64, 2).save(buffer, "PNG")
     (images / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    _huge_header_png(images / "huge.png")
+    huge_header_png(images / "huge.png", 100_000, 100_000)  # decoding would need ~30 GB
     _noise(30, 30, 3).save(images / "square.png")
     _noise(10, 12, 4).save(images / "small.png")
     _noise(50, 25, 5, "L").save(images / "gray.png")
@@ -160,9 +148,9 @@ def test_resize_shorter_side_max_side_and_transparency(tmp_path, corpus):
 
 
 def test_max_pixels_skips_without_decoding(tmp_path, corpus, monkeypatch):
-    decoded: list = []
-    real_load_rgb = shard_writer.load_rgb
-    monkeypatch.setattr(shard_writer, "load_rgb", lambda image: decoded.append(image) or real_load_rgb(image))
+    decoded: list = []  # the files PIL decodes (ImageFile.load is where pixels are read)
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.filename) or real_load(self))
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL must not warn first
         manifest = write_shards(corpus, tmp_path / "out", max_pixels=1500, shard_size=10, progress=False)

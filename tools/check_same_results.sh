@@ -42,9 +42,15 @@ for recipe in ("demo-emoji", "lit-minilm-emoji"):
         records = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(f"{run}/metrics.jsonl")]
         return weights, records, json.load(open(f"{work}/{side}/{recipe}-test.json"))["metrics"]
     before, after = load("before"), load("after")
-    checks = {"weights": before[0] == after[0], "metrics.jsonl": before[1] == after[1], "test retrieval": before[2] == after[2]}
+    # A field one side added (a new counter) is listed, not a difference: the values both record must match.
+    added = sorted({k for r in after[1] for k in r} - {k for r in before[1] for k in r})
+    removed = sorted({k for r in before[1] for k in r} - {k for r in after[1] for k in r})
+    shared = [[{k: v for k, v in r.items() if k not in added + removed} for r in side[1]] for side in (before, after)]
+    checks = {"weights": before[0] == after[0], "metrics.jsonl": shared[0] == shared[1], "test retrieval": before[2] == after[2]}
     same &= all(checks.values())
     print(recipe, " ".join(f"{k}: {'same' if v else 'DIFFERENT'}" for k, v in checks.items()),
-          f"(text->image R@1 {100 * after[2]['image_retrieval_recall@1']:.1f}%)")
+          f"(text->image R@1 {100 * after[2]['image_retrieval_recall@1']:.1f}%)",
+          *([f"new metrics fields: {', '.join(added)}"] if added else []),
+          *([f"removed metrics fields: {', '.join(removed)}"] if removed else []))
 sys.exit(0 if same else 1)
 PY

@@ -2,7 +2,7 @@
 
 A recipe has four sections, ``model``, ``data``, ``train`` and ``loss``. Every key is declared in a
 dataclass below, so a typo is an error that names the key and the nearest valid one instead of a
-silently ignored setting.
+silently ignored setting; numeric values are range-checked (``vlpretrain.recipe_ranges``).
 
 Example:
     >>> cfg = load_recipe("recipes/demo-emoji.yaml", ["train.lr=1e-3", "train.epochs=2"])
@@ -96,6 +96,14 @@ class DataConfig:
     # Stream data.train (hf:NAME or a .parquet / .csv / .jsonl file) with datasets' streaming=True instead of
     # loading it, split and resumed as shards are (needs data.train_num_samples).
     streaming: bool = False
+    # Images larger than this many pixels (by their header) are skipped and counted, never decoded;
+    # null: no limit. The default is PIL's own warning limit (about 90 megapixels).
+    max_pixels: Optional[int] = 89_478_485
+    # How CSV / TSV / JSONL tables are read: their text encoding (e.g. latin-1, cp1252), and what a line
+    # that does not decode or parse does: "error" (a one-line error naming file and line) or "skip"
+    # (dropped, counted and named in a warning).
+    encoding: str = "utf-8"
+    on_bad_lines: str = "error"
 
 
 @dataclass
@@ -134,6 +142,8 @@ class TrainConfig:
     resume: Optional[str] = None
     overwrite: bool = False
     progress: bool = True
+    # Steps whose loss is NaN / inf are skipped (no weight update); this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -213,13 +223,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation in (int, float):
         expected = "an integer" if annotation is int else "a number"
         if not isinstance(value, bool):
-            if isinstance(value, (int, float)) and (annotation is float or float(value).is_integer()):
-                return annotation(value)
-            if isinstance(value, str):
-                try:
+            if isinstance(value, int) and annotation is int:
+                return value  # exact, however large (float() of a huge int overflows)
+            try:
+                if isinstance(value, (int, float)) and (annotation is float or float(value).is_integer()):
                     return annotation(value)
-                except ValueError:
-                    pass
+                if isinstance(value, str):
+                    return annotation(value)
+            except (ValueError, OverflowError):
+                pass
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if annotation is str:
         if isinstance(value, bool):
@@ -269,9 +281,11 @@ def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=1e-3`` -> ``("train.lr", 0.001)``; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=1e-3)")
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=1e-3)")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if not key.isprintable():  # a line break or control character: no key has one, and it would split the error
+        raise ConfigError(f"override {text!r}: the key holds a character no recipe key has (e.g. train.lr=1e-3)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -306,6 +320,21 @@ def set_dotted(cfg: RecipeConfig, key: str, value: Any) -> None:
     container[parts[-1]] = value
 
 
+def check_keys(values: dict, allowed: Any, prefix: str) -> None:
+    """Refuse a key of a free-form mapping (``model.vision``, ``data.augmentation``) that its consumer does
+    not take, naming the nearest one, as :func:`recipe_from_dict` does for declared keys.
+
+    Example:
+        >>> check_keys({"patch_dropuot": 0.1}, ["patch_dropout", "width"], "model.vision.")
+        Traceback (most recent call last):
+        ConfigError: unknown key 'model.vision.patch_dropuot' (did you mean 'model.vision.patch_dropout'?)
+    """
+    choices = [f"{prefix}{name}" for name in allowed]
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(f"unknown key '{prefix}{key}'{_nearest(f'{prefix}{key}', choices)}")
+
+
 def recipe_from_dict(values: dict, overrides: Optional[list[str]] = None) -> RecipeConfig:
     """Build a validated recipe from a plain mapping plus ``key=value`` overrides."""
     cfg = RecipeConfig()
@@ -315,7 +344,18 @@ def recipe_from_dict(values: dict, overrides: Optional[list[str]] = None) -> Rec
         _apply(cfg, values)
     for text in overrides or []:
         set_dotted(cfg, *parse_override(text))
+    from .recipe_ranges import check_ranges  # here: it imports this module's ConfigError
+
+    check_ranges(cfg)
     return cfg
+
+
+def _yaml_problem(error: "yaml.YAMLError") -> str:
+    """PyYAML's report (several lines, with a caret drawing) as one line: the problem and where it is."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> RecipeConfig:
@@ -324,9 +364,11 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     try:
         return recipe_from_dict(values, overrides)
     except ConfigError as e:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 __all__ = [
     "eval_mode", "encode_images", "encode_texts", "encode_image_rows", "encode_corpus", "image_feature_batches",
@@ -92,7 +93,7 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 256, device: Dev
     chunks = []
     starts = range(0, len(texts), batch_size)
     with eval_mode(model):
-        for start in tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False):
+        for start in progress_bar(starts, desc=desc, enabled=progress and len(starts) > 1, leave=False):
             tokens = model.tokenizer(texts[start:start + batch_size]).to(device)
             chunks.append(F.normalize(model.encode_text(tokens, normalize=False).float(), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim)
@@ -240,8 +241,8 @@ def image_feature_batches(model, images: ImagesLike, batch_size: int = 256, devi
     else:
         total = len(dataset) if hasattr(dataset, "__len__") else None
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
-    bar = tqdm(total=total, desc=desc, unit="img", leave=False,
-               disable=not progress or (total is not None and total <= batch_size))
+    bar = progress_bar(total=total, desc=desc, unit="img", leave=False,
+                       enabled=progress and (total is None or total > batch_size))
     try:
         for batch in loader:
             with eval_mode(model):
@@ -415,7 +416,7 @@ def itm_pair_scores(model, images: ImageSource, texts: TextsLike, pairs: torch.T
         order = torch.argsort(pairs[:, 0], stable=True)
         unique_images = torch.unique(pairs[:, 0]).tolist()
         chunks = [unique_images[i:i + batch_size] for i in range(0, len(unique_images), batch_size)]
-        for chunk in tqdm(chunks, desc="ITM re-ranking", disable=not progress, leave=False):
+        for chunk in progress_bar(chunks, desc="ITM re-ranking", enabled=progress, leave=False):
             tokens, ok = _image_tokens(model, images, chunk, device)
             where = {image: row for row, image in enumerate(chunk)}
             in_chunk = order[torch.isin(pairs[order, 0], torch.tensor(chunk))]

@@ -1,4 +1,4 @@
-"""The one place that writes files: atomic file writes, JSON, atomic folder replacement, manifests.
+"""The one place that writes files: atomic file writes, JSON, atomic folder replacement, manifests, locks.
 
 Every writer of the toolkit goes through here, so each guarantee is kept in one place:
 
@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -27,11 +28,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 __all__ = [
     "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "read_json", "read_manifest", "temp_folder_beside",
     "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder", "check_replaceable",
+    "folder_lock",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -269,3 +271,68 @@ def write_folder_atomically(out: PathLike, write: Callable[[Path], Any], prefix:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the holder wrote into the lock file (it writes it just after locking: may be empty yet)."""
+    try:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        pid = ""
+    return pid if pid.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, advice: str = "wait for it, or choose another folder") -> Iterator[Path]:
+    """Hold the one-writer lock of ``folder`` for a ``with`` block, or refuse at once.
+
+    The lock is an ``flock`` on ``.NAME.lock`` beside ``folder`` (beside, not inside: folders are
+    swapped in whole, and a lock inside would be swapped away with them). The kernel drops it when
+    the process ends, even by SIGKILL, so no stale lock survives a kill; the file is removed on
+    release. A second writer gets a one-line ``BlockingIOError``: ``FOLDER is being written by another
+    vlp process (pid N); ADVICE``. One holder per folder and process (a second ``folder_lock`` of the
+    same folder in the same process is refused too). Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Example:
+        >>> with folder_lock("indexes/pairs", "wait for it to finish, then run `vlp index add` again"):
+        ...     RetrievalIndex.load("indexes/pairs").add("emb/more")
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        yield Path(folder)
+        return
+    folder = Path(os.path.abspath(folder))
+    path = folder.with_name(f".{folder.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # mode through the umask, like any new file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise BlockingIOError(f"{folder} is being written by another vlp process (pid {holder}); "
+                                  f"{advice}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        # The previous holder removes the file on release: if it did so after our open, we hold the
+        # lock of a removed file that nobody else will see, so lock the file now at the path instead.
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        try:
+            os.unlink(path)  # while still locked: a waiter that opened it retries on the new file
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .options import CORPUS_HELP, add_corpus_options, add_progress_option, console_logging
+from .options import CORPUS_HELP, add_corpus_options, add_progress_option, corpus_config, console_logging
 
 SHARD_DESCRIPTION = """\
 Write a corpus as WebDataset tar shards (img2dataset's layout), each image decoded once, resized and
@@ -71,8 +71,7 @@ def _size(n: float) -> str:
 
 
 def run_shard(args) -> int:
-    from ..config import DataConfig
-    from ..data.named import data_spec, open_named_corpus, parse_caption_columns
+    from ..data.named import data_spec, open_named_corpus
     from ..data.shard_format import MANIFEST_NAME
     from ..data.shard_writer import DEFAULT_MAX_PIXELS, ShardSettings, write_shards
 
@@ -85,7 +84,7 @@ def run_shard(args) -> int:
     ShardSettings(shard_size=args.shard_size, image_size=args.image_size, max_side=args.max_side,
                   image_format=args.image_format, quality=args.quality,
                   max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels).validate()
-    data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
+    data = corpus_config(args)
     started = time.perf_counter()
     with console_logging("vlp data shard"):
         corpus = open_named_corpus(src, data, args.split)

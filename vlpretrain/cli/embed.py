@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from .options import add_batch_options, add_corpus_options, add_model_option, add_progress_option, console_logging
+from .options import (add_batch_options, add_corpus_options, add_model_option, add_progress_option, console_logging,
+                      corpus_config)
 
 DESCRIPTION = """\
 Encode every image and every caption of a corpus with a model's eval preprocessing, into OUT:
@@ -18,7 +19,8 @@ Encode every image and every caption of a corpus with a model's eval preprocessi
   OUT/manifest.json             model signature, dim, dtype, counts; written when all shards are done
 
 An interrupted export resumes from its finished shards when rerun with the same arguments; a finished
-one is left as it is. OUT holding an export of another model or other arguments is an error.
+one is left as it is. OUT holding an export of another model or other arguments is an error, and so is
+a second `vlp embed` into an OUT that one is writing (the processes of one launch share it).
 
 From WebDataset shards (DATA: a shard folder, its manifest.json or "shards/{00000..00099}.tar") the
 samples are streamed, never listed: embedding shard k holds input shard k's samples (--shard-size is
@@ -50,13 +52,12 @@ def run(args) -> int:
     import torch
     from accelerate import Accelerator
 
-    from ..config import DataConfig
     from ..models import load_model
     from ..retrieval.embedding_set import MANIFEST_NAME
     from ..retrieval.embeddings import export_embeddings
-    from ..data.named import data_spec, open_named_corpus, parse_caption_columns
+    from ..data.named import data_spec, open_named_corpus
 
-    data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
+    data = corpus_config(args)
     modalities = ("image", "text") if args.modality == "both" else (args.modality,)
     # cpu=True when there is no GPU is what lets `accelerate launch` run gloo processes on a CPU box.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

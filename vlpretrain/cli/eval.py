@@ -9,6 +9,7 @@ from pathlib import Path
 from .options import (
     add_batch_options,
     add_corpus_options,
+    corpus_config,
     add_image_column_option,
     add_model_option,
     add_progress_option,
@@ -206,15 +207,14 @@ def _dataset_name(spec: str) -> str:
 
 
 def run_retrieval(args) -> int:
-    from ..config import DataConfig
     from ..evaluation.tasks import evaluate_retrieval
     from ..io import write_json
     from ..models import load_model
-    from ..data.named import open_named_corpus, parse_caption_columns
+    from ..data.named import open_named_corpus
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    data = DataConfig(image_column=args.image_column, caption_column=parse_caption_columns(args.caption_column))
+    data = corpus_config(args)
     corpus = open_named_corpus(args.data, data, args.split)
     model = load_model(args.model)
     result = evaluate_retrieval(model, corpus, args.batch_size, progress=not args.no_progress,

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .options import CORPUS_HELP, add_batch_options, add_corpus_options, add_model_option, add_progress_option
+from .options import (CORPUS_HELP, add_batch_options, add_corpus_options, add_model_option, add_progress_option,
+                      corpus_config)
 
 
 def add_parser(commands) -> None:
@@ -19,7 +20,8 @@ def add_parser(commands) -> None:
     b = actions.add_parser(
         "build", help="build an index from embedding folders, or from a model and data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build an index into --out (replaced atomically).\n\n"
+        description="Build an index into --out (replaced atomically; it must be missing, empty or an index\n"
+                    "folder, and one build or add at a time writes it).\n\n"
                     "  vlp index build emb/pairs --out indexes/pairs\n"
                     "  vlp index build --model runs/demo/final --data emoji:test --out indexes/emoji\n"
                     "  vlp index build --model runs/demo/final --data shards/cc3m --out indexes/cc3m\n\n"
@@ -53,7 +55,8 @@ def add_parser(commands) -> None:
     a = actions.add_parser("add", help="add embedding folders to an existing index",
                            description="Add the vectors of more embedding folders (made with the same model) to "
                                        "INDEX_DIR; ids continue, an IVF index keeps its trained quantizer, recall@10 "
-                                       "is measured again, and the folder is rewritten atomically.")
+                                       "is measured again, and the folder is rewritten atomically (one build or add "
+                                       "at a time: a second is refused).")
     a.add_argument("index", metavar="INDEX_DIR")
     a.add_argument("embeddings", nargs="+", metavar="EMB_DIR")
     add_progress_option(a)
@@ -118,13 +121,12 @@ def run_build(args) -> int:
     if args.embeddings:
         index = RetrievalIndex.build(args.embeddings, args.out, **options)
     else:
-        from ..config import DataConfig
         from ..models import load_model
         from ..retrieval.faiss_index import parse_memory
         from ..data.named import data_spec, open_named_corpus
 
         parse_memory(args.memory_budget)  # a typo fails before loading the model
-        data = DataConfig()
+        data = corpus_config(args)
         corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
         index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model),
@@ -154,6 +156,10 @@ def run_query(args) -> int:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     if args.rerank is not None and args.rerank < 1:
         raise ValueError(f"--rerank must be at least 1, got {args.rerank}")
+    if args.text is not None:
+        from ..retrieval.index_search import check_query_texts
+
+        check_query_texts([args.text], where="--text")  # before loading the index and its model
     index = RetrievalIndex.load(args.index, model_spec=args.model)
     if args.text is not None:
         hits = index.search(texts=[args.text], k=args.k, rerank=args.rerank,

@@ -32,13 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
+
     from ..data.images import BadImageError
 
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError, BadImageError) as e:
-        # Configuration, data and disk errors (missing files, full disk) are the user's to fix: one line.
-        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, BadImageError, UnpicklingError, SafetensorError) as e:
+        # Configuration, data and disk errors (missing files, full disk) and refused or unreadable files
+        # are the user's to fix: one line (a library's many-line message, e.g. YAML's, joined into it).
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"vlp {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 MODEL_HELP = "checkpoint folder, recipe .yaml, open_clip:ARCH[/TAG] or hf:NAME"
 CORPUS_HELP = ("a CSV/TSV/JSONL/parquet table, a saved or imagefolder dataset, hf:NAME, or emoji:SPLIT "
@@ -28,7 +31,8 @@ def add_model_option(p: argparse.ArgumentParser, required: bool = True, help: Op
 def add_corpus_options(p: argparse.ArgumentParser, data_help: str = CORPUS_HELP, required: bool = True,
                        captions: bool = True, columns: bool = True) -> None:
     """``--data`` and how to read it: ``--image-column``, ``--caption-column`` (several comma-separated,
-    read by :func:`vlpretrain.data.named.parse_caption_columns`) and ``--split``."""
+    read by :func:`vlpretrain.data.named.parse_caption_columns`), ``--split``, and ``--encoding`` /
+    ``--on-bad-lines`` for text tables. :func:`corpus_config` turns them into a ``DataConfig``."""
     p.add_argument("--data", required=required, default=None, help=data_help)
     if columns:
         add_image_column_option(p)
@@ -37,6 +41,32 @@ def add_corpus_options(p: argparse.ArgumentParser, data_help: str = CORPUS_HELP,
                        help="caption column of a table or dataset; a cell may hold a list of captions; several "
                             "columns comma-separated, e.g. caption_1,caption_2 (default: caption)")
     add_split_option(p)
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of a CSV / TSV / JSONL table, e.g. latin-1 or cp1252 (default: utf-8)")
+    p.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
+                   help="a table line that does not decode or parse: error (default: name it and stop) or skip "
+                        "(drop it, counted and named in a warning)")
+
+
+def corpus_config(args: argparse.Namespace) -> "DataConfig":
+    """The ``DataConfig`` the options of :func:`add_corpus_options` describe (defaults for those absent).
+
+    Example:
+        >>> corpus_config(p.parse_args(["--data", "pairs.csv", "--encoding", "latin-1"])).encoding
+        'latin-1'
+    """
+    from ..config import DataConfig
+    from ..data.named import parse_caption_columns
+
+    values: dict = {}
+    if getattr(args, "image_column", None) is not None:
+        values["image_column"] = args.image_column
+    if getattr(args, "caption_column", None) is not None:
+        values["caption_column"] = parse_caption_columns(args.caption_column)
+    for key in ("encoding", "on_bad_lines"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    return DataConfig(**values)
 
 
 def add_image_column_option(p: argparse.ArgumentParser) -> None:

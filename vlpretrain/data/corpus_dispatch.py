@@ -39,6 +39,8 @@ def open_corpus(
     caption_column: ColumnSpec = "caption",
     extra_columns: Sequence[str] | None = None,
     root: str | os.PathLike[str] | None = None,
+    encoding: str = "utf-8",
+    on_bad_lines: str = "error",
 ) -> ImageCaptionCorpus:
     """Open a corpus from a path or hub name, choosing the reader from what ``spec`` is.
 
@@ -49,17 +51,21 @@ def open_corpus(
       that split's table (default "train");
     - ``hf:NAME``: :meth:`HFDatasetCorpus.from_hub` (default split "train").
 
+    ``encoding`` and ``on_bad_lines`` (``data.encoding`` / ``data.on_bad_lines``) say how text tables
+    are read (see :class:`TableCorpus`).
+
     Example:
         >>> open_corpus("~/.cache/vlpretrain/emoji-v1", split="val")
         TableCorpus('/home/me/.cache/vlpretrain/emoji-v1/val.csv', rows=..., skipped=0)
     """
     columns = dict(image_column=image_column, caption_column=caption_column, extra_columns=extra_columns)
+    reading = dict(encoding=encoding, on_bad_lines=on_bad_lines)
     text = os.fspath(spec)
     if text.startswith("hf:"):
         return HFDatasetCorpus.from_hub(text[3:], split=split or "train", **columns)
     path = Path(os.path.expanduser(text))
     if path.is_file():
-        return TableCorpus(path, root=root, **columns)
+        return TableCorpus(path, root=root, **columns, **reading)
     if path.is_dir():
         if any((path / m).is_file() for m in _SAVED_MARKERS):
             return HFDatasetCorpus.from_disk(path, split=split, **columns)
@@ -68,7 +74,7 @@ def open_corpus(
         wanted = split or "train"
         for ext in TABLE_EXTENSIONS:
             if (path / f"{wanted}{ext}").is_file():
-                return TableCorpus(path / f"{wanted}{ext}", root=root, **columns)
+                return TableCorpus(path / f"{wanted}{ext}", root=root, **columns, **reading)
         tables = sorted(p.name for p in path.iterdir() if p.suffix.lower() in TABLE_EXTENSIONS)
         raise ValueError(
             f"{text}: not a corpus folder: expected a `save_to_disk` folder (dataset_info.json / "

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .corpus import ImageCaptionCorpus
-from .images import BadImageError, load_rgb
+from .images import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
 
 __all__ = ["ImageTextDataset", "collate_image_text", "EpochPermutationSampler", "CAPTION_CHOICES"]
 
@@ -45,7 +45,9 @@ class ImageTextDataset(Dataset):
     A corrupt or missing image is not fatal: the sample is replaced by the next row (i+1, i+2, ...
     modulo len), each failure going into the sample's ``skipped`` list as ``(source, reason)`` so
     the main process can count it (DataLoader workers are separate processes). ``index`` is the
-    row actually delivered. After ``max_tries`` failures in a row: RuntimeError.
+    row actually delivered. After ``max_tries`` failures in a row: RuntimeError. Images over
+    ``max_pixels`` pixels by their header (``data.max_pixels``; None: no limit) are skipped the same
+    way, without being decoded.
 
     Note: ``set_epoch`` reaches DataLoader workers only when they are re-created each epoch
     (the default ``persistent_workers=False``).
@@ -65,6 +67,7 @@ class ImageTextDataset(Dataset):
         seed: int = 0,
         max_tries: int = 50,
         caption_transform: Optional[tuple[re.Pattern, Callable[[Any], torch.Tensor]]] = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
         if caption_choice not in CAPTION_CHOICES:
             raise ValueError(f"caption_choice={caption_choice!r}; choose one of {CAPTION_CHOICES}")
@@ -79,6 +82,7 @@ class ImageTextDataset(Dataset):
         # (pattern, transform): a sample whose caption matches gets this transform instead (colour-safe
         # augmentation for captions that name colours; see data/transforms.py).
         self.caption_transform = caption_transform
+        self.max_pixels = max_pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -117,7 +121,7 @@ class ImageTextDataset(Dataset):
             j = (int(i) + t) % n
             row = self.corpus[j]
             try:
-                image = load_rgb(row.image)
+                image = load_rgb(row.image, max_pixels=self.max_pixels)
             except BadImageError as e:
                 skipped.append((row.source, str(e)))
                 continue

@@ -83,7 +83,8 @@ def open_named_corpus(spec: str, data: Optional[DataConfig] = None, split: Optio
 
         return ShardCorpus(spec)
     data = data or DataConfig()
-    return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column)
+    return open_corpus(spec, split=split, image_column=data.image_column, caption_column=data.caption_column,
+                       encoding=data.encoding, on_bad_lines=data.on_bad_lines)
 
 
 def parse_caption_columns(value: str) -> Union[str, list[str]]:

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .dataset import CAPTION_CHOICES, ImageTextDataset, _mix
-from .images import BadImageError, load_rgb
+from .images import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
 from .shard_format import ShardInfo, ShardSample, read_shard_samples
 
 __all__ = ["ShardStream", "key_index", "HFStreamReader", "open_hf_stream"]
@@ -104,6 +104,7 @@ class ShardStream(IterableDataset):
         rank: Optional[int] = None,
         world: Optional[int] = None,
         reader: Optional[Callable[[str, Callable[[str, str], None]], Iterator[ShardSample]]] = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
         if caption_choice not in CAPTION_CHOICES:
             raise ValueError(f"caption_choice={caption_choice!r}; choose one of {CAPTION_CHOICES}")
@@ -127,6 +128,7 @@ class ShardStream(IterableDataset):
         # How one unit of ``shards`` becomes samples: a tar by default, a streamed dataset's shard with
         # HFStreamReader (a module-level class, so workers started by spawn can unpickle it).
         self.reader = reader or read_shard_samples
+        self.max_pixels = max_pixels  # data.max_pixels: larger images are skipped from their header
 
     @property
     def steps_per_epoch(self) -> Optional[int]:
@@ -220,7 +222,7 @@ class ShardStream(IterableDataset):
         decode (reported in ``skipped``); the random choices are seeded by the key, not the position."""
         index = key_index(sample.key)
         try:
-            image = load_rgb(sample.image)
+            image = load_rgb(sample.image, max_pixels=self.max_pixels)
         except BadImageError as e:
             skipped.append((sample.source, str(e)))
             return None

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from PIL import Image
 
@@ -119,29 +118,8 @@ class _Skip(Exception):
         self.kind, self.reason = kind, reason
 
 
-@contextlib.contextmanager
-def _own_pixel_limit() -> Iterator[None]:
-    """PIL's decompression-bomb check off: we read each header and apply --max-pixels ourselves, before
-    decoding, so PIL neither warns about nor refuses an image we allowed."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def _header_size(image: Any) -> tuple[int, int]:
-    """Width and height from the file header only (PIL's open is lazy: no pixel is decoded)."""
-    if isinstance(image, Image.Image):
-        return image.size
-    try:
-        with Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image) as img:
-            return img.size
-    except FileNotFoundError:
-        raise _Skip("unreadable", "file not found") from None
-    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on corrupt headers
-        raise _Skip("unreadable", f"not a readable image ({type(e).__name__}: {e})") from None
+# BadImageError.kind (see data/images.py) -> the kind named in the stats.
+_SKIP_KINDS = {"unreadable": "unreadable", "too_large": "too_large", "decode": "decode_failed"}
 
 
 def convert_image(image: Any, settings: ShardSettings) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
@@ -150,14 +128,10 @@ def convert_image(image: Any, settings: ShardSettings) -> tuple[bytes, tuple[int
     Raises:
         _Skip: the image is not written (too large by its header, unreadable, undecodable, unencodable).
     """
-    width, height = _header_size(image)
-    if width * height > settings.max_pixels:
-        raise _Skip("too_large", f"{width}x{height} = {width * height} pixels, over the limit of "
-                                 f"{settings.max_pixels} (--max-pixels); not decoded")
-    try:
-        img = load_rgb(image)
+    try:  # the pixel limit is checked from the header, before decoding (data/images.py)
+        img = load_rgb(image, max_pixels=settings.max_pixels, setting="--max-pixels")
     except BadImageError as e:
-        raise _Skip("decode_failed", str(e).split(": ", 1)[-1]) from None
+        raise _Skip(_SKIP_KINDS.get(e.kind, "decode_failed"), str(e).split(": ", 1)[-1]) from None
     except Exception as e:  # noqa: BLE001 - a corrupt file may make a PIL plugin raise anything
         raise _Skip("decode_failed", f"cannot decode image ({type(e).__name__}: {e})") from None
     original = img.size
@@ -225,8 +199,7 @@ def write_shard(corpus: Any, out: Union[str, os.PathLike], index: int, settings:
                 if on_row is not None:
                     on_row()
 
-    with _own_pixel_limit():
-        tar_path = atomic_write(out / shard_name(index), write_tar)
+    tar_path = atomic_write(out / shard_name(index), write_tar)
     by_kind: dict[str, int] = {}
     for s in skipped:
         by_kind[s["kind"]] = by_kind.get(s["kind"], 0) + 1
@@ -368,9 +341,9 @@ def write_shards(corpus: Any, out: Union[str, os.PathLike], *, image_size: Optio
     if done:
         logger.info("resuming: %d of %d shards already written, kept", len(done), num_shards)
     pending = [k for k in range(num_shards) if k not in done]
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     done_rows = sum(min(rows, (k + 1) * shard_size) - k * shard_size for k in done)
-    with tqdm(total=rows, initial=done_rows, unit="img", desc="shard", disable=not progress) as bar:
+    with progress_bar(total=rows, initial=done_rows, unit="img", desc="shard", enabled=progress) as bar:
         _write_pending(corpus, out, pending, settings, processes, bar)
     return _write_manifest(out, record, num_shards, list(getattr(corpus, "skipped", []) or []))

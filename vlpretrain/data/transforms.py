@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageSettings", "build_transforms", "RandomShading", "colour_caption_pattern", "colour_safe_augmentation"]
+__all__ = ["ImageSettings", "build_transforms", "check_augmentation_keys", "RandomShading", "colour_caption_pattern",
+           "colour_safe_augmentation"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ def build_transforms(image: ImageSettings, augmentation: Optional[dict] = None) 
     """
     import open_clip
 
+    check_augmentation_keys(augmentation)
     aug = dict(augmentation or {})
     for key in ("scale", "ratio"):
         if key in aug and aug[key] is not None:
@@ -63,7 +66,12 @@ def build_transforms(image: ImageSettings, augmentation: Optional[dict] = None) 
     blur_prob, blur_sigma = float(aug.pop("blur_prob", 0.0) or 0.0), aug.pop("blur_sigma", (0.1, 1.0))
     shade_prob, shade_strength = float(aug.pop("shade_prob", 0.0) or 0.0), aug.pop("shade_strength", (0.2, 0.5))
     aug.pop("protect_colour_captions", None)  # read by the training dataset (colour_caption_pattern)
-    train = open_clip.image_transform(image.size, is_train=True, mean=image.mean, std=image.std, aug_cfg=aug or None)
+    with warnings.catch_warnings():
+        if not aug.get("use_timm") and set(aug) <= OPEN_CLIP_APPLIED_KEYS:
+            # open_clip applies these keys itself yet still lists them as "unused" (it pops only scale).
+            warnings.filterwarnings("ignore", message="Unused augmentation cfg items", category=UserWarning)
+        train = open_clip.image_transform(image.size, is_train=True, mean=image.mean, std=image.std,
+                                          aug_cfg=aug or None)
     if blur_prob > 0:
         from torchvision import transforms
 
@@ -80,6 +88,27 @@ def build_transforms(image: ImageSettings, augmentation: Optional[dict] = None) 
         evaluation.transforms[0] = transforms.Resize(
             image.resize_size, interpolation=transforms.InterpolationMode(image.interpolation or "bicubic"))
     return train, evaluation
+
+
+# data.augmentation keys applied here rather than by open_clip (see build_transforms) or read by the dataset.
+OUR_AUGMENTATION_KEYS = ("blur_prob", "blur_sigma", "shade_prob", "shade_strength", "protect_colour_captions")
+
+
+def check_augmentation_keys(augmentation: Optional[dict]) -> None:
+    """A ``data.augmentation`` key that neither open_clip's ``AugmentationCfg`` nor this module takes is a
+    one-line ConfigError with the nearest valid key (open_clip would raise a bare TypeError).
+
+    Example:
+        >>> check_augmentation_keys({"scale": [0.8, 1.0], "shade_prob": 0.3})  # fine
+    """
+    import dataclasses
+
+    from open_clip.transform import AugmentationCfg
+
+    from ..config import check_keys
+
+    allowed = [f.name for f in dataclasses.fields(AugmentationCfg)] + list(OUR_AUGMENTATION_KEYS)
+    check_keys(augmentation or {}, allowed, "data.augmentation.")
 
 
 class RandomShading:
@@ -132,6 +161,9 @@ DEFAULT_COLOUR_CAPTION_PATTERN = (
     r"\b(red|orange|yellow|green|blue|purple|violet|brown|black|white|grey|gray|pink|gold|golden|silver|"
     r"rainbow|colou?red|light|dark|pale|skin tones?)\b")
 # Augmentations that change colour; the colour-safe transform leaves them out.
+#: Keys open_clip's own (non-timm) training transform applies: it warns about all but ``scale`` regardless.
+OPEN_CLIP_APPLIED_KEYS = {"scale", "color_jitter", "color_jitter_prob", "gray_scale_prob"}
+
 COLOUR_AUGMENTATION_KEYS = ("color_jitter", "color_jitter_prob", "gray_scale_prob", "shade_prob", "shade_strength")
 
 

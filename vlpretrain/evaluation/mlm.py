@@ -19,7 +19,7 @@ def masked_token_accuracy(model, corpus, captions: Sequence[str], text_to_image:
         >>> feats = encode_corpus(model, corpus)
         >>> masked_token_accuracy(model, corpus, feats["captions"], feats["text_to_image"])["mlm_accuracy"]
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..models.fusion_sampling import mask_tokens
     from ..models.tower_tokens import text_features_and_tokens
@@ -31,7 +31,7 @@ def masked_token_accuracy(model, corpus, captions: Sequence[str], text_to_image:
     correct, total = 0, 0
     device = next(model.parameters()).device
     with eval_mode(model):
-        for start in tqdm(range(0, len(captions), batch_size), desc="mlm", disable=not progress):
+        for start in progress_bar(range(0, len(captions), batch_size), desc="mlm", enabled=progress):
             rows = [int(r) for r in text_to_image[start:start + batch_size]]
             images, ok = load_images(rows)
             tokens = model.tokenizer(list(captions[start:start + batch_size]))

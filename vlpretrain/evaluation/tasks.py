@@ -52,6 +52,10 @@ def _zeroshot(model, labels: list[str], name: str, encode: Callable[[Any], torch
     from .zeroshot import ZeroShotClassifier
 
     keys, readable, targets = match_labels(labels, load_classnames(classnames), name)
+    empty = [key for key, text in zip(keys, readable) if not str(text).strip()]
+    if empty:
+        raise ValueError(f"{name}: {len(empty)} class names are empty (labels {', '.join(repr(k) for k in empty[:5])}); "
+                         f"give every class a name (--classnames)")
     classifier = ZeroShotClassifier(model, readable, templates=templates, batch_size=batch_size, progress=progress)
     features = encode(classifier)
     logits = classifier.logits(features)
@@ -193,7 +197,7 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
         raise ValueError(f"{name}: no captions found; check --caption-column")
     metrics = retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"], ks=ks)
     metrics["bad_images"] = len(feats["bad_images"])
-    extra = _skipped_report(feats["skipped"]) if shards else {}
+    extra = _skipped_report(feats["skipped"]) if shards else _bad_images_report(corpus, feats["bad_images"], name)
     if rerank_itm is not None:
         from .rerank import reranked_retrieval_metrics
 
@@ -214,6 +218,28 @@ def evaluate_retrieval(model, corpus: Any, batch_size: int = 256, progress: bool
 
 
 # ----------------------------------------------------------------------------- WebDataset shards, streamed
+
+
+def _bad_images_report(corpus: Any, bad: Sequence[int], name: str) -> dict:
+    """Name the images that did not decode (counted as misses): the first 20 in the log and the report
+    (``bad_image_examples``), then how many more. Their reasons are read again from the images themselves."""
+    from ..data.images import BadImageError, load_rgb
+
+    if not len(bad):
+        return {}
+    examples = []
+    for i in list(bad)[:MAX_SKIPPED_REPORTED]:
+        row = corpus[int(i)]
+        try:
+            load_rgb(row.image)
+            reason = "failed while being encoded (it loads now)"
+        except BadImageError as e:
+            reason = str(e)  # names the image: its path, or its size in bytes
+        examples.append(f"{row.source}: {reason}")
+        logger.warning("%s: bad image, counted as a miss: %s", name, examples[-1])
+    if len(bad) > MAX_SKIPPED_REPORTED:
+        logger.warning("%s: %d more bad images not listed (%d in all)", name, len(bad) - MAX_SKIPPED_REPORTED, len(bad))
+    return {"bad_image_examples": examples}
 
 
 def _skipped_report(skipped: list[tuple[str, str]]) -> dict:

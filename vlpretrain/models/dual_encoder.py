@@ -312,7 +312,11 @@ class DualEncoder(nn.Module):
         return values
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder."""
+        """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder.
+        Weights holding NaN or inf are refused (a ValueError naming a tensor); nothing is written then."""
+        bad = first_non_finite(self.state_dict())
+        if bad is not None:
+            raise ValueError(f"{directory}: not written: the weights hold NaN or inf values (e.g. in {bad})")
         return write_folder_atomically(Path(directory), lambda tmp: write_model_files(self, tmp))
 
 
@@ -342,6 +346,19 @@ def _lock_hf_transformer(transformer: nn.Module, unlocked_layers: int, freeze_la
     for name, param in transformer.named_parameters():
         is_norm = "LayerNorm" in name.split(".") or "layer_norm" in name or "layernorm" in name
         param.requires_grad = id(param) in trainable or (is_norm and not freeze_layer_norm)
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state`` holding a NaN or inf, or None.
+
+    Example:
+        >>> first_non_finite({"w": torch.tensor([1.0, float("nan")])})
+        'w'
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def write_model_files(model: DualEncoder, directory: Path, state_dict: Optional[dict] = None) -> None:

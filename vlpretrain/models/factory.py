@@ -11,10 +11,11 @@ import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from ..config import ConfigError, ModelConfig, load_recipe
-from ..data.transforms import ImageSettings, build_transforms
+from ..data.transforms import ImageSettings, build_transforms, check_augmentation_keys
 from ..io import read_json
 from .dual_encoder import CONFIG_NAME, HF_SUPPORT_DIR, MASK_TOKEN, WEIGHTS_NAME, DualEncoder
 from .fusion import fusion_settings
+from .hf_towers import quiet_unused_pooler
 from .towers import build_open_clip_config, uses_custom_text
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
         >>> clip = build_model(ModelConfig(hf_model="openai/clip-vit-base-patch32"))
     """
     fusion = fusion_settings(cfg.fusion)  # checked before anything is built
+    check_augmentation_keys(augmentation)
     if cfg.hf_model:
         if fusion is not None:
             raise ValueError("model.fusion is not available with model.hf_model (transformers CLIP / SigLIP "
@@ -71,7 +73,8 @@ def build_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_pret
         text_cfg["hf_model_pretrained"] = bool(load_pretrained and cfg.pretrained_text and not cfg.pretrained)
     kwargs = {k: v for k, v in open_clip_cfg.items() if k not in ("vision_cfg", "text_cfg", "custom_text")}
     model_class = open_clip.CustomTextCLIP if uses_custom_text(open_clip_cfg) else open_clip.CLIP
-    clip = model_class(vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_scale=cfg.init_logit_scale, **kwargs)
+    with quiet_unused_pooler():  # a BERT / MiniLM text tower loads without its pooler, as intended
+        clip = model_class(vision_cfg=vision_cfg, text_cfg=text_cfg, init_logit_scale=cfg.init_logit_scale, **kwargs)
 
     if cfg.pretrained and load_pretrained:
         _load_open_clip_weights(clip, cfg)
@@ -102,9 +105,19 @@ def _build_hf_model(cfg: ModelConfig, augmentation: Optional[dict] = None, load_
 
     ``config_dict`` / ``support`` rebuild a checkpoint of ours without the original folder or hub.
     """
-    from .hf_towers import load_hf_towers
+    import pickle
 
-    towers, tokenizer = load_hf_towers(cfg.hf_model, load_pretrained, config_dict=config_dict, support=support)
+    from .hf_towers import WEIGHT_FILES, load_hf_towers
+
+    try:
+        towers, tokenizer = load_hf_towers(cfg.hf_model, load_pretrained, config_dict=config_dict, support=support)
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refused a pickled .bin (code or objects, not only tensors); its
+        # message spans many lines and names no file.
+        folder = Path(str(cfg.hf_model)).expanduser()
+        named = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), cfg.hf_model)
+        raise ValueError(f"{named}: refused: not a plain weights file (a pickle holding code or objects "
+                         f"that a weights-only load does not run); use model.safetensors") from None
     settings = towers.image_settings
     # Stands in for open_clip's model config: the keys the rest of the toolkit reads (sizes, embed_dim).
     open_clip_cfg = {

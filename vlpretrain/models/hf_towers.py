@@ -97,6 +97,57 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNUSED_V4 = re.compile(r"were not used when initializing \w+: \[([^\]]*)\]")
+
+
+def _only_unused_pooler(message: str) -> bool:
+    """True for a transformers load report whose only finding is unused ``pooler.*`` checkpoint weights:
+    a BERT-style text tower loaded without its pooler (open_clip pools the tokens itself), as expected.
+    transformers 5 writes a table (``LOAD REPORT``: key | status rows), 4.x one sentence with the keys."""
+    text = _ANSI.sub("", message)
+    if "LOAD REPORT" in text:
+        lines = text.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("-") and "-+-" in line), None)
+        if start is None:
+            return False
+        rows = []
+        for line in lines[start + 1:]:
+            if not line.strip():
+                break
+            rows.append([cell.strip() for cell in line.split(" | ")])
+        return bool(rows) and all(len(r) >= 2 and r[0].startswith("pooler.") and r[1] == "UNEXPECTED" for r in rows)
+    found = _UNUSED_V4.search(text)
+    if found is None or "newly initialized" in text:
+        return False
+    keys = [k.strip().strip("'\"") for k in found.group(1).split(",") if k.strip()]
+    return bool(keys) and all(k.startswith("pooler.") for k in keys)
+
+
+class _UnusedPoolerFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _only_unused_pooler(record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_unused_pooler():
+    """Drop transformers' load report while a BERT / MiniLM text tower loads without its pooler (every
+    LiT run would print it); any other finding of the report (missing, mismatched, other unused
+    weights) is still logged in full.
+
+    Example:
+        >>> with quiet_unused_pooler():
+        ...     clip = open_clip.CustomTextCLIP(vision_cfg=..., text_cfg={"hf_model_name": folder, ...})
+    """
+    target = logging.getLogger("transformers.modeling_utils")
+    quiet = _UnusedPoolerFilter()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
 def _check_local_weights(folder: Path) -> None:
     from safetensors import SafetensorError, safe_open
 

@@ -9,14 +9,16 @@ text_cfg}`` dictionary, so a checkpoint of ours is an open_clip model underneath
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 from pathlib import Path
 from typing import Any
 
 import open_clip
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_keys
 from .fusion import fusion_settings
 
 # Short names for text models that ship inside PyPI packages (so they work offline).
@@ -102,6 +104,9 @@ def build_open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
         else:
             raise ValueError(f"model.text_tower: unknown kind '{kind}' (use hf:NAME or open_clip:ARCH)")
 
+    # open_clip takes these as CLIPVisionCfg(**...) / CLIPTextCfg(**...): a typo would be a bare TypeError.
+    check_keys(cfg.vision, [f.name for f in dataclasses.fields(CLIPVisionCfg)], "model.vision.")
+    check_keys(cfg.text, [f.name for f in dataclasses.fields(CLIPTextCfg)], "model.text.")
     vision_cfg.update(copy.deepcopy(cfg.vision))
     text_cfg.update(copy.deepcopy(cfg.text))
     for key in ("hf_model_name", "hf_tokenizer_name"):

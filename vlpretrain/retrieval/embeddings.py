@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from collections import deque
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch
 from ..data.shard_corpus import ShardCorpus, ShardItemStream, original_path
 from ..inference import encode_texts, image_feature_batches
 from ..inference_shards import shard_feature_batches
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, folder_lock, read_json, write_json
 from .embedding_set import FORMAT, MANIFEST_NAME, META_COLUMNS, STATE_NAME, EmbeddingSet, shard_name
 from .signature import check_same_model, model_signature
 
@@ -330,7 +331,8 @@ def _check_existing(out: Path, model, spec: Optional[str], settings: dict[str, A
     old = {"data": record.get("data"), "shard_size": record.get("shard_size"), "dtype": record.get("dtype"),
            "modalities": record.get("modalities"),
            "rows": record.get("counts", {}).get("rows") if manifest else record.get("rows"),
-           "input_shards": record.get("input_shards")}
+           # A finished export from shards records them as num_shards (and has "input"), the state as input_shards.
+           "input_shards": record.get("num_shards") if manifest and "input" in record else record.get("input_shards")}
     labels = {"data": lambda v: f"data {v!r}", "shard_size": lambda v: f"shard size {v}",
               "dtype": lambda v: f"dtype {v}", "modalities": lambda v: "modality " + "+".join(v or []),
               "rows": lambda v: f"a corpus of {v} rows", "input_shards": lambda v: f"{v} input shards"}
@@ -368,6 +370,44 @@ class _Single:
         pass
 
 
+@contextlib.contextmanager
+def _one_writer(out: Path, acc: Any) -> Iterator[None]:
+    """Hold ``out``'s lock (:func:`vlpretrain.io.folder_lock`) for one export: the main process takes it
+    for the processes of its launch and sends its answer to all (bytes in a tensor, no pickling), so
+    all of them stop with its one-line error when another export holds it."""
+    with contextlib.ExitStack() as stack:
+        busy = b""
+        if acc.is_main_process:
+            try:
+                stack.enter_context(folder_lock(out, "wait for it, or choose another --out"))
+            except BlockingIOError as e:
+                busy = str(e).encode("utf-8")[:4096]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            data = broadcast(torch.tensor(list(busy.ljust(4096, b"\0")), dtype=torch.uint8, device=acc.device))
+            busy = bytes(data.cpu().tolist()).rstrip(b"\0")
+        if busy:
+            raise BlockingIOError(busy.decode("utf-8", "replace"))
+        yield
+
+
+def _check_arguments(modalities: Union[str, Sequence[str]], dtype: str, **ints: int) -> list[str]:
+    """The modalities in canonical order; a one-line error for a bad modality, dtype or count."""
+    given = [modalities] if isinstance(modalities, str) else list(modalities)
+    unknown = [m for m in given if m not in MODALITIES]
+    modalities = [m for m in MODALITIES if m in given]
+    if unknown or not modalities:
+        raise ValueError(f"modalities: expected 'image' and/or 'text', got {unknown or 'none'}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    for name, value in ints.items():
+        least = 0 if name == "num_workers" else 1
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+    return modalities
+
+
 def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec: Optional[str] = None,
                       data_spec: str = "", modalities: Sequence[str] = ("image", "text"), dtype: str = "float16",
                       shard_size: int = 10_000, batch_size: int = 256, num_workers: int = 0, progress: bool = True,
@@ -389,7 +429,8 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
     checked on resume). ``modalities``: "image" and/or "text"; without "image" no image is decoded
     and ``ok`` is True for every row. ``counts`` in the manifest count the embeddings written
     (``image`` is 0 without "image", ``text`` 0 without "text"). With an ``accelerator`` the model is
-    moved to ``accelerator.device``.
+    moved to ``accelerator.device``. One export at a time writes ``out``: another one (another command,
+    not a process of the same launch) is refused at once with a one-line ``BlockingIOError``.
 
     Example:
         >>> emb = export_embeddings(model, open_named_corpus("emoji:test", DataConfig()), "emb/emoji",
@@ -397,17 +438,8 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
         >>> emb.manifest["counts"]
         {'rows': 380, 'image': 380, 'text': 760, 'bad_images': 0}
     """
-    given = [modalities] if isinstance(modalities, str) else list(modalities)
-    unknown = [m for m in given if m not in MODALITIES]
-    modalities = [m for m in MODALITIES if m in given]
-    if unknown or not modalities:
-        raise ValueError(f"modalities: expected 'image' and/or 'text', got {unknown or 'none'}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
-    for name, value, least in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
-                               ("num_workers", num_workers, 0)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+    modalities = _check_arguments(modalities, dtype, shard_size=shard_size, batch_size=batch_size,
+                                  num_workers=num_workers)
     out = Path(out)
     from_shards = isinstance(corpus, ShardCorpus)
     n = None if from_shards else len(corpus)
@@ -423,44 +455,45 @@ def export_embeddings(model, corpus: Any, out: Union[str, os.PathLike], *, spec:
     settings = {"data": str(data_spec), "shard_size": None if from_shards else shard_size, "dtype": dtype,
                 "modalities": modalities, **({"input_shards": num_shards} if from_shards else {"rows": n})}
 
-    # Every process reads the folder before anyone writes, so all of them see the same state.
-    finished = _check_existing(out, model, spec, settings)
-    if finished is not None:
+    with _one_writer(out, acc):
+        # Every process reads the folder before anyone writes, so all of them see the same state.
+        finished = _check_existing(out, model, spec, settings)
+        if finished is not None:
+            missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
+            if missing:
+                raise ValueError(f"{out}/{MANIFEST_NAME} lists {num_shards} shards but meta/"
+                                 f"{shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
+            if acc.is_main_process:
+                logger.info("%s: export already finished (%d rows, %d shards, same model and arguments); "
+                            "nothing to do", out, finished["counts"]["rows"], num_shards)
+            return EmbeddingSet.open(out)
+        done = _finished_shards(out, num_shards)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for folder in ["meta", *modalities] + (["text_meta"] if "text" in modalities else []):
+                (out / folder).mkdir(parents=True, exist_ok=True)
+            _remove_temp_files(out)
+            if not (out / STATE_NAME).is_file():  # a resume keeps the record it was checked against
+                write_json({"format": STATE_FORMAT, "signature": signature, **settings}, out / STATE_NAME)
+            if done:
+                logger.info("resuming: %d of %d shards already done", len(done), num_shards)
+        acc.wait_for_everyone()
+
+        mine = [k for k in range(num_shards) if k % acc.num_processes == acc.process_index and k not in done]
+        encode = _encode_input_shards if from_shards else _encode_shards
+        encode(model, corpus, out, mine, n, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+               modalities=modalities, dtype=dtype, device=device, progress=progress and acc.is_main_process)
+
+        acc.wait_for_everyone()
         missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
         if missing:
-            raise ValueError(f"{out}/{MANIFEST_NAME} lists {num_shards} shards but "
-                             f"meta/{shard_name(missing[0], 'parquet')} is missing: delete {out} and export again")
-        if acc.is_main_process:
-            logger.info("%s: export already finished (%d rows, %d shards, same model and arguments); nothing to do",
-                        out, finished["counts"]["rows"], num_shards)
+            raise ValueError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
+                             f"arguments to resume")
+        if acc.is_main_process and from_shards:
+            rows, extra = _input_shards_summary(out, num_shards, corpus)
+            _write_manifest(out, signature, {**settings, "rows": rows}, num_shards, model.embed_dim, extra)
+        elif acc.is_main_process:
+            _write_manifest(out, signature, settings, num_shards, model.embed_dim)
+        acc.wait_for_everyone()
         return EmbeddingSet.open(out)
-    done = _finished_shards(out, num_shards)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        for folder in ["meta", *modalities] + (["text_meta"] if "text" in modalities else []):
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(out)
-        if not (out / STATE_NAME).is_file():  # a resume keeps the record it was checked against
-            write_json({"format": STATE_FORMAT, "signature": signature, **settings}, out / STATE_NAME)
-        if done:
-            logger.info("resuming: %d of %d shards already done", len(done), num_shards)
-    acc.wait_for_everyone()
-
-    mine = [k for k in range(num_shards) if k % acc.num_processes == acc.process_index and k not in done]
-    encode = _encode_input_shards if from_shards else _encode_shards
-    encode(model, corpus, out, mine, n, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
-           modalities=modalities, dtype=dtype, device=device, progress=progress and acc.is_main_process)
-
-    acc.wait_for_everyone()
-    missing = sorted(set(range(num_shards)) - _finished_shards(out, num_shards))
-    if missing:
-        raise ValueError(f"{out}: shards {missing[:5]} were not written; rerun `vlp embed` with the same "
-                           f"arguments to resume")
-    if acc.is_main_process and from_shards:
-        rows, extra = _input_shards_summary(out, num_shards, corpus)
-        _write_manifest(out, signature, {**settings, "rows": rows}, num_shards, model.embed_dim, extra)
-    elif acc.is_main_process:
-        _write_manifest(out, signature, settings, num_shards, model.embed_dim)
-    acc.wait_for_everyone()
-    return EmbeddingSet.open(out)
 

@@ -209,13 +209,13 @@ def add_vectors(index, vectors: np.ndarray, *, progress: bool = True, desc: str 
     Example:
         >>> add_vectors(index, more_vectors, progress=False)
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     vectors = _as_vectors(vectors, "vectors")
     if vectors.shape[1] != index.d:
         raise ValueError(f"vectors have dim {vectors.shape[1]}, the index {index.d}")
     n = len(vectors)
-    with tqdm(total=n, desc=desc, unit="vec", disable=not progress) as bar:
+    with progress_bar(total=n, desc=desc, unit="vec", enabled=progress) as bar:
         for start in range(0, n, ADD_BATCH):
             index.add(vectors[start:start + ADD_BATCH])
             bar.update(min(ADD_BATCH, n - start))

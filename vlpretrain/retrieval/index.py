@@ -22,16 +22,19 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..io import replace_folder, temp_folder_beside
+from ..io import folder_lock, replace_folder, temp_folder_beside
 from .faiss_index import KINDS, add_vectors, build_faiss_index, choose_kind, factory_string, index_kind, parse_memory
 from .faiss_index import set_search_params
 from .index_files import (
+    BUSY_ADVICE,
     EMBEDDINGS_NAME,
     FORMAT,
     META_NAME,
+    check_destination,
     link_or_copy,
     read_faiss,
     read_info,
+    remove_stale_temp_folders,
     write_index_folder,
 )
 from .index_recall import (
@@ -51,6 +54,13 @@ from .index_sources import EmbeddingsLike, check_same_signature, collect, open_s
 __all__ = ["RetrievalIndex", "read_info"]
 
 MODALITIES = ("image", "text")
+
+
+def _claim(out: Path) -> None:
+    """Before a build into ``out`` (holding its lock): refuse a destination that is not ours, and remove
+    the temporary folders of killed builds."""
+    check_destination(out)
+    remove_stale_temp_folders(out)
 
 
 class RetrievalIndex:
@@ -99,7 +109,10 @@ class RetrievalIndex:
         on a seeded sample, their nprobe / efSearch tuned to recall@10 >= 0.95 for both query
         modalities, and recall@10 against exact search is measured on up to 1000 held-out queries of
         each modality (image embeddings and caption embeddings) and written to info.json, with a
-        warning when cross-modal queries lose recall. ``out`` is replaced atomically.
+        warning when cross-modal queries lose recall. ``out`` is replaced atomically; it must be
+        missing, empty or an index folder (anything else is refused), and one build or add at a time
+        writes it (:func:`vlpretrain.io.folder_lock`). Temporary folders of killed builds of ``out``
+        are removed first.
 
         Example:
             >>> index = RetrievalIndex.build(["emb/part1", "emb/part2"], "indexes/all", kind="auto",
@@ -107,8 +120,10 @@ class RetrievalIndex:
             >>> index.info["recall@10"]
             {'image_queries': 1.0, 'text_queries': 1.0, 'num_queries': 0, 'exact': True}
         """
-        return cls._build(embeddings, out, kind=kind, memory_budget=memory_budget, modality=modality, seed=seed,
-                          progress=progress)
+        with folder_lock(out, BUSY_ADVICE):
+            _claim(Path(out))
+            return cls._build(embeddings, out, kind=kind, memory_budget=memory_budget, modality=modality,
+                              seed=seed, progress=progress)
 
     @classmethod
     def _build(cls, embeddings: EmbeddingsLike, out: Union[str, os.PathLike], *, kind: str,
@@ -205,12 +220,14 @@ class RetrievalIndex:
             raise ValueError(f"modality '{modality}' is unknown: use image or text")
         budget = parse_memory(memory_budget)  # fail before the (long) export on a bad budget
         staging = out.with_name(f"{out.name}.embeddings-partial")
-        if fresh:
-            shutil.rmtree(staging, ignore_errors=True)
-        emb = export_embeddings(model, corpus, staging, spec=spec, data_spec=data_spec, batch_size=batch_size,
-                                num_workers=num_workers, progress=progress)
-        built = cls._build(emb, out, kind=kind, memory_budget=budget, modality=modality, seed=seed,
-                           progress=progress, sources=[EMBEDDINGS_NAME], move_in=staging)
+        with folder_lock(out, BUSY_ADVICE):
+            _claim(out)  # before the export, not after it
+            if fresh:
+                shutil.rmtree(staging, ignore_errors=True)
+            emb = export_embeddings(model, corpus, staging, spec=spec, data_spec=data_spec, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress)
+            built = cls._build(emb, out, kind=kind, memory_budget=budget, modality=modality, seed=seed,
+                               progress=progress, sources=[EMBEDDINGS_NAME], move_in=staging)
         built._model, built._model_spec, built._model_checked = model, spec, True
         return built
 
@@ -252,12 +269,22 @@ class RetrievalIndex:
 
         New ids continue after the existing ones; an IVF index keeps its trained quantizer. recall@10
         is measured again (from the sources listed in info.json and the new folders). If writing
-        fails, the folder on disk is unchanged and this object is reloaded from it.
+        fails, the folder on disk is unchanged and this object is reloaded from it. One build or add
+        at a time writes the folder (a second is refused at once); when another one changed it since
+        this object was loaded, the vectors are added to the folder as it is now.
 
         Example:
             >>> RetrievalIndex.load("indexes/pairs").add("emb/more-pairs").ntotal
             1500
         """
+        with folder_lock(self.path, "wait for it to finish, then add again"):
+            on_disk = read_info(self.path)
+            if any(on_disk.get(key) != self.info.get(key) for key in ("index_sha256", "created", "ntotal")):
+                self._reload()  # another writer changed the folder since this object was loaded
+            remove_stale_temp_folders(self.path)
+            return self._add(embeddings, progress)
+
+    def _add(self, embeddings: EmbeddingsLike, progress: bool) -> "RetrievalIndex":
         start = time.time()
         sets = open_sets(embeddings)
         modality = self.info["modality"]

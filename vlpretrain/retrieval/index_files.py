@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
-from ..io import old_sibling, read_manifest, write_json
+from ..io import check_replaceable, old_sibling, read_manifest, write_json
 
-__all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "EMBEDDINGS_NAME", "sha256_file", "link_or_copy",
-           "write_index_folder", "read_info", "read_faiss"]
+__all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "EMBEDDINGS_NAME", "BUSY_ADVICE", "sha256_file",
+           "link_or_copy", "check_destination", "remove_stale_temp_folders", "write_index_folder", "read_info",
+           "read_faiss"]
 
 FORMAT = "vlpretrain-index-v1"
 INDEX_NAME = "index.faiss"
 META_NAME = "meta.parquet"
 INFO_NAME = "info.json"
 EMBEDDINGS_NAME = "embeddings"  # embeddings exported by build_from_corpus live inside the index folder
+BUSY_ADVICE = "wait for it, or choose another --out"  # what io.folder_lock tells a second writer
 
 
 def sha256_file(path: Path) -> str:
@@ -49,6 +52,40 @@ def link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def check_destination(out: Path) -> None:
+    """Refuse to build into ``out`` unless it is missing, an empty folder or an index folder (with
+    info.json): a user's other folder or file is never replaced.
+
+    Example:
+        >>> check_destination(Path("notes.txt"))
+        ValueError: --out notes.txt: exists and is not a folder; choose another --out, or delete it to build there
+    """
+    check_replaceable(out, [INFO_NAME], f"vlpretrain index folder (it has no {INFO_NAME})",
+                      "choose another --out, or delete it to build there", name=f"--out {out}")
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Remove the temporary folders that killed writes of ``out`` left beside it, and return them.
+
+    Only folders named exactly as :func:`vlpretrain.io.temp_folder_beside` names them (``.OUT.tmp-``
+    and tempfile's 8 random characters) are removed; anything else is left alone. Call it holding
+    :func:`vlpretrain.io.folder_lock` of ``out``, so no running write's folder is taken.
+
+    Example:
+        >>> remove_stale_temp_folders(Path("indexes/pairs"))
+        [PosixPath('indexes/.pairs.tmp-k2x_9qa1')]
+    """
+    out = Path(os.path.abspath(out))
+    pattern = re.compile(re.escape(f".{out.name}.tmp-") + r"[a-z0-9_]{8}")
+    if not out.parent.is_dir():
+        return []
+    stale = [p for p in sorted(out.parent.iterdir())
+             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def write_index_folder(tmp: Path, index, meta, info: dict[str, Any]) -> dict[str, Any]:

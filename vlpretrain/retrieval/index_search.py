@@ -16,7 +16,8 @@ import numpy as np
 
 from ..inference import RERANK_SCORES, combined_scores, encode_images, encode_texts, itm_pair_scores, model_logit_scale
 
-__all__ = ["RERANK_MESSAGE", "plain", "encode_queries", "make_hits", "check_rerank", "rerank_hits"]
+__all__ = ["RERANK_MESSAGE", "plain", "check_query_texts", "encode_queries", "make_hits", "check_rerank",
+           "rerank_hits"]
 
 RERANK_MESSAGE = ("ITM re-ranking needs a model with an ITM fusion head (trained with model.fusion and "
                   "loss.name albef); this index's model has none")
@@ -33,6 +34,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+def check_query_texts(texts: Sequence[Any], where: str = "search") -> None:
+    """Refuse an empty or blank text query: it would embed to some vector and answer with arbitrary hits.
+
+    Example:
+        >>> check_query_texts(["a red heart", "  "])
+        ValueError: search: text query 2 of 2 is empty; give some words to search for
+    """
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        which = "the text query" if len(texts) == 1 else f"text query {empty[0] + 1} of {len(texts)}"
+        raise ValueError(f"{where}: {which} is empty; give some words to search for")
+
+
 def encode_queries(model, texts: Optional[Sequence[str]], images: Optional[Sequence[Any]]) -> np.ndarray:
     """(n, D) float32 unit-norm query vectors of ``texts`` or of ``images`` (paths, bytes, PIL images).
 
@@ -41,6 +55,7 @@ def encode_queries(model, texts: Optional[Sequence[str]], images: Optional[Seque
         (1, 256)
     """
     if texts is not None:
+        check_query_texts(list(texts))
         return encode_texts(model, list(texts)).numpy()
     return encode_images(model, list(images), batch_size=64, progress=False).numpy()
 

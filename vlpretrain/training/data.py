@@ -9,9 +9,15 @@ from ..data.named import open_named_corpus
 def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1):
     """The training dataset; ``synthetic:N`` gives N copies of one random pair (for benchmarks); WebDataset
     shards (a shard folder, ``manifest.json`` or brace pattern) give a :class:`ShardStream` of this
-    process's share (``batch_size``, ``rank`` and ``world`` set its length and split)."""
+    process's share (``batch_size``, ``rank`` and ``world`` set its length and split).
+
+    A corpus is read with ``data.encoding`` / ``data.on_bad_lines``, checked once (placeholder captions
+    dropped; duplicates and captions longer than the context counted in the log: see
+    :mod:`vlpretrain.data.corpus_audit`), and its images decoded under ``data.max_pixels``."""
     from ..data import ImageTextDataset
+    from ..data.corpus_audit import audit_training_corpus
     from ..data.shard_format import is_shard_spec
+    from ..data.table_corpus import check_reader_options
     from ..data.synthetic import SyntheticPairs
 
     if not data.train:
@@ -22,11 +28,17 @@ def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1,
         size = int(data.train.split(":", 1)[1])
         image_size = model.open_clip_config["vision_cfg"].get("image_size", 224)
         return SyntheticPairs(size, image_size, model.preprocess_train, model.tokenizer)
+    check_reader_options(data.encoding, data.on_bad_lines)
     corpus = open_named_corpus(data.train, data, data.split)
     if len(corpus) == 0:
         raise ValueError(f"data.train: {data.train} holds no usable rows")
+    # Every process drops the same placeholder captions; the main one counts and logs (truncation too).
+    corpus, _ = audit_training_corpus(corpus, model.tokenizer if rank == 0 else None,
+                                      getattr(model, "context_length", None), log=rank == 0)
+    if len(corpus) == 0:
+        raise ValueError(f"data.train: {data.train} holds no usable rows (every caption is a placeholder)")
     return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, caption_choice="random", seed=seed,
-                            caption_transform=_colour_safe_transform(data, model))
+                            caption_transform=_colour_safe_transform(data, model), max_pixels=data.max_pixels)
 
 
 def _colour_safe_transform(data: DataConfig, model):
@@ -72,6 +84,6 @@ def _shard_stream(data: DataConfig, model, seed: int, batch_size: int, rank: int
                          samples_per_epoch=samples, seed=seed, resampled=data.resampled,
                          shuffle_buffer=data.shuffle_buffer, caption_choice="random",
                          caption_transform=_colour_safe_transform(data, model), rank=rank, world=world,
-                         reader=reader)
+                         reader=reader, max_pixels=data.max_pixels)
     stream.check_workers(data.num_workers)
     return stream

@@ -1,9 +1,9 @@
 """Everything a run builds before its first step: the accelerator, model, objective, data, optimizer,
-schedule, EMA and momentum copies, all passed through Accelerate and registered for checkpointing.
+schedule, EMA and momentum copies, passed through Accelerate and gathered for checkpoints
+(:class:`~vlpretrain.training.checkpoint_state.TrainerObjects`).
 
 The order of the calls in :func:`prepare_run` is part of the run's numbers (the seed is set first, then
-each object draws from it in turn) and of its checkpoints (``register_for_checkpointing`` numbers the
-``custom_checkpoint_N`` files a resume reads back): keep it.
+each object draws from it in turn): keep it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..data.named import open_named_corpus
 from ..io import write_json
 from ..losses import create_loss
 from .checkpoint import list_checkpoints
+from .checkpoint_state import TrainerObjects
 from .data import build_train_dataset
 from .optim import create_optimizer, create_scheduler
 from .start import build_start_model
@@ -57,6 +58,7 @@ class PreparedRun:
     val_corpus: Any
     ema: Any  # timm ModelEmaV3 or None
     momentum: Any  # ALBEF's momentum encoders (a ModelEmaV3) or None
+    checkpointed: TrainerObjects  # what save_checkpoint writes and a resume loads back
     steps_per_epoch: int
     total_steps: int
     num_epochs: int
@@ -87,7 +89,7 @@ class PreparedRun:
         for target in (epoch_loader, self.sampler, self.dataset):
             if hasattr(target, "set_epoch"):
                 target.set_epoch(epoch)
-        return epoch_loader
+        return _started_without_drawing(epoch_loader) if skip_batches else epoch_loader
 
     def log_summary(self) -> None:
         """One log line: corpus, processes, batch, steps, trainable parameters, precision."""
@@ -97,6 +99,22 @@ class PreparedRun:
                     "%.1fM trainable parameters, precision %s", self.cfg.data.train,
                     self.dataset.samples_per_epoch if self.stream else len(self.dataset), self.world,
                     tc.batch_size, self.steps_per_epoch, self.total_steps, trainable / 1e6, tc.precision)
+
+
+def _started_without_drawing(loader):
+    """Iterate ``loader`` with its iterator started under ``fork_rng``. Starting a DataLoader's iterator draws
+    its workers' seed from torch's global generator; the uninterrupted run drew it at the start of the epoch,
+    before the checkpoint whose generator state a resume restores, so a resumed epoch must not draw it
+    again (else every later dropout draw shifts)."""
+    with torch.random.fork_rng(devices=[]):
+        iterator = iter(loader)
+        first = next(iterator, _END)  # Accelerate's loaders start the DataLoader at the first next()
+    if first is not _END:
+        yield first
+        yield from iterator
+
+
+_END = object()
 
 
 def _on_device(loader, device: torch.device):
@@ -214,30 +232,28 @@ def _prepare_stream_run(cfg: RecipeConfig, accelerator: "Accelerator", model, lo
 
 def _register_the_rest(cfg: RecipeConfig, accelerator: "Accelerator", model, loss_fn, optimizer, dataset, sampler,
                        loader, val_corpus, steps_per_epoch: int, stream: bool = False) -> PreparedRun:
-    """The schedule, EMA, momentum model and loss buffers, registered for checkpointing in this order."""
+    """The schedule, EMA, momentum model and loss buffers, gathered with the model and optimizer for
+    checkpoints."""
     tc = cfg.train
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     # Not passed through accelerator.prepare(): that steps it once per process per step; we step
-    # it once per optimizer step and let save_state / load_state carry it.
+    # it once per optimizer step and our checkpoints carry it.
     scheduler = create_scheduler(optimizer, tc, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ema = _make_ema(unwrapped, tc)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     momentum = _make_momentum_model(unwrapped, cfg)
-    if momentum is not None:
-        accelerator.register_for_checkpointing(momentum)
-    if any(True for _ in loss_fn.buffers()):  # the ITC queue: saved and restored with the run
+    stateful_loss = any(True for _ in loss_fn.buffers())  # the ITC queue: saved and restored with the run
+    if stateful_loss:
         loss_fn.to(accelerator.device)
-        accelerator.register_for_checkpointing(loss_fn)
+    checkpointed = TrainerObjects(accelerator, unwrapped, optimizer, scheduler, ema=ema, momentum=momentum,
+                                  loss_fn=loss_fn if stateful_loss else None)
     distill_warmup = cfg.loss.distill_warmup_steps if cfg.loss.distill_warmup_steps is not None else steps_per_epoch
     return PreparedRun(cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped,
                        scored=ema.module if ema is not None else unwrapped, loss_fn=loss_fn, optimizer=optimizer,
                        scheduler=scheduler, dataset=dataset, sampler=sampler, loader=loader, val_corpus=val_corpus,
-                       ema=ema, momentum=momentum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                       num_epochs=math.ceil(total_steps / steps_per_epoch), distill_warmup=distill_warmup,
-                       stream=stream)
+                       ema=ema, momentum=momentum, checkpointed=checkpointed, steps_per_epoch=steps_per_epoch,
+                       total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
+                       distill_warmup=distill_warmup, stream=stream)
 
 
 def _refuse_or_clear_earlier_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path) -> None:

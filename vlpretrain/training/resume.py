@@ -1,5 +1,5 @@
 """Where a run stands (step, epoch, batch in the epoch, samples seen): written into every checkpoint's
-``trainer_state.json`` and read back, with Accelerate's state, when a run resumes."""
+``trainer_state.json`` and read back, with the trainer objects' state, when a run resumes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .checkpoint import read_trainer_state, resolve_resume
+from .checkpoint import read_trainer_state, resolve_resume, verify_checkpoint
+from .checkpoint_state import load_trainer_objects
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from .checkpoint_state import TrainerObjects
 
 logger = logging.getLogger("vlpretrain.train")
 
@@ -31,23 +32,24 @@ class Position:
     def trainer_state(self, total_steps: int, world: int) -> dict:
         """What ``trainer_state.json`` holds for a checkpoint taken here.
 
-        Example: ``save_checkpoint(accelerator, model, out, position.trainer_state(1000, 8))``
+        Example: ``save_checkpoint(run.checkpointed, out, position.trainer_state(1000, 8))``
         """
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "total_steps": total_steps, "world_size": world}
 
 
-def resume_position(accelerator: "Accelerator", resume: Optional[str], output_dir: Path, total_steps: int,
+def resume_position(objects: "TrainerObjects", resume: Optional[str], output_dir: Path, total_steps: int,
                     steps_per_epoch: int) -> Position:
-    """Load the checkpoint ``train.resume`` names (``latest`` or a folder) into every object registered
-    with ``accelerator`` and return where it stopped; a fresh start (``Position()``) without one.
+    """Check the checkpoint ``train.resume`` names (``latest`` or a folder) against its manifest, load it
+    into ``objects`` (and this process's random generators) and return where it stopped; a fresh start
+    (``Position()``) without one. A damaged checkpoint, or one of an older version, is a one-line error.
 
     A checkpoint taken after the last batch of an epoch resumes at the start of the next epoch. A stream
     of shards (:class:`~vlpretrain.data.shard_dataset.ShardStream`) resumes from the same two numbers: the
     trainer hands ``epoch`` and ``batch_in_epoch`` to ``PreparedRun.epoch_loader``, which restarts the
     epoch's shard order and skips this process's samples of those batches.
 
-    Example: ``start = resume_position(accelerator, "latest", Path("runs/demo"), 384, 24)``
+    Example: ``start = resume_position(run.checkpointed, "latest", Path("runs/demo"), 384, 24)``
     """
     if not resume:
         return Position()
@@ -55,7 +57,8 @@ def resume_position(accelerator: "Accelerator", resume: Optional[str], output_di
     if checkpoint is None:
         logger.info("train.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
         return Position()
-    accelerator.load_state(str(checkpoint))
+    load_trainer_objects(objects, checkpoint, verify_checkpoint(checkpoint))
+    accelerator = objects.accelerator
     state = read_trainer_state(checkpoint)
     step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
     samples_seen = state.get("samples_seen", 0)

@@ -71,16 +71,17 @@ class RunLog:
 
     def __init__(self, accelerator: "Accelerator", output_dir: Path, total_steps: int, step: int, log_every: int,
                  progress: bool):
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         self.accelerator = accelerator
         self.total_steps = total_steps
         self.log_every = log_every
         metrics_path = output_dir / "metrics.jsonl"
         self.metrics_file = open(metrics_path, "a" if step else "w") if accelerator.is_main_process else None
-        self.bar = tqdm(total=total_steps, initial=step, desc="train",
-                        disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+        self.bar = progress_bar(total=total_steps, initial=step, desc="train", dynamic_ncols=True,
+                                enabled=progress and accelerator.is_main_process)
         self.skipped_local = 0
+        self.nonfinite_steps = 0  # identical on every process: they agree on each skip
         self.val_history: list[dict] = []
         self.interval_start, self.interval_samples = time.perf_counter(), 0
         self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
@@ -101,12 +102,16 @@ class RunLog:
             elif self.skipped_local == _NAMED_SKIPS + 1:
                 logger.warning("more bad samples skipped; the count is in metrics.jsonl")
 
-    def step_done(self, loss: torch.Tensor, global_batch: int) -> None:
-        """Add one optimizer step (its loss and the samples all processes trained on) to the sums."""
+    def step_done(self, loss: torch.Tensor, global_batch: int, updated: bool = True) -> None:
+        """Add one optimizer step (its loss and the samples all processes trained on) to the sums; a step
+        skipped for a non-finite loss (``updated`` false) is counted instead, its loss left out of the mean."""
         self.interval_samples += global_batch
         self.train_samples += global_batch
-        self.loss_sum += loss.detach().float()  # stays on the device: no sync per step
-        self.loss_count += 1
+        if updated:
+            self.loss_sum += loss.detach().float()  # stays on the device
+            self.loss_count += 1
+        else:
+            self.nonfinite_steps += 1
         self.bar.update(1)
 
     def due(self, step: int) -> bool:
@@ -124,12 +129,15 @@ class RunLog:
         lr, logit scale, throughput and counts; then start the next interval. Every process calls it."""
         elapsed = time.perf_counter() - self.interval_start
         throughput = self.interval_samples / max(elapsed, 1e-9)
-        mean_loss = self.accelerator.reduce(self.loss_sum, "mean").item() / self.loss_count
+        # The mean over the interval's finite steps; NaN when every one of them was skipped.
+        mean_loss = self.accelerator.reduce(self.loss_sum, "mean").item() / self.loss_count if self.loss_count \
+            else float("nan")
         skipped_total = self.skipped_total()
         record = {"step": step, "epoch": epoch, "loss": mean_loss,
                   **{k: v.item() for k, v in losses.items()},
                   "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
-                  "samples_per_s": throughput, "skipped_samples": skipped_total, "samples_seen": samples_seen,
+                  "samples_per_s": throughput, "skipped_samples": skipped_total,
+                  "nonfinite_steps": self.nonfinite_steps, "samples_seen": samples_seen,
                   "elapsed_s": time.perf_counter() - self.train_start}
         self.write(record)
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}",

@@ -19,11 +19,13 @@ from typing import Callable, Optional
 import torch
 
 from ..config import RecipeConfig
+from ..models.dual_encoder import first_non_finite
+from ..recipe_ranges import check_ranges
 from .checkpoint import save_checkpoint
 from .prepare import PreparedRun, make_accelerator, prepare_run
 from .resume import Position, resume_position
 from .run_log import RunLog, close_logging, setup_logging
-from .step import train_step
+from .step import NonFiniteGuard, train_step
 from .validation import validate_at_epoch_end
 
 logger = logging.getLogger("vlpretrain.train")
@@ -31,8 +33,9 @@ logger = logging.getLogger("vlpretrain.train")
 
 @dataclass
 class TrainResult:
-    """Where a run wrote its final model, how far it got, what it skipped, its validation records and
-    its throughput (samples per second over the whole run)."""
+    """Where a run wrote its final model, how far it got, what it skipped (bad samples; steps with a
+    non-finite loss, not trained on), its validation records and its throughput (samples per second over
+    the whole run)."""
 
     output_dir: Path
     final_dir: Optional[Path]
@@ -40,6 +43,7 @@ class TrainResult:
     skipped_samples: int
     val_metrics: list[dict] = field(default_factory=list)
     samples_per_second: float = 0.0
+    nonfinite_steps: int = 0
 
 
 def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
@@ -53,6 +57,7 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
         >>> vlpretrain.load_model(result.final_dir)
     """
     tc = cfg.train
+    check_ranges(cfg)  # a recipe built in Python, not loaded, is checked here
     if tc.threads:
         torch.set_num_threads(tc.threads)
     accelerator = make_accelerator(cfg)
@@ -70,10 +75,11 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     epoch; finish with the final checkpoint and model."""
     tc = cfg.train
     run = prepare_run(cfg, accelerator, output_dir)
-    position = resume_position(accelerator, tc.resume, output_dir, run.total_steps, run.steps_per_epoch)
+    position = resume_position(run.checkpointed, tc.resume, output_dir, run.total_steps, run.steps_per_epoch)
     first_epoch, skip_batches = position.epoch, position.batch_in_epoch
     run.log_summary()
     log = RunLog(accelerator, output_dir, run.total_steps, position.step, tc.log_every, tc.progress)
+    guard = NonFiniteGuard(accelerator, tc.max_nonfinite_steps)
 
     run.model.train()
     try:
@@ -84,18 +90,18 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
             position.epoch, position.batch_in_epoch = epoch, skip
             for batch in run.epoch_loader(epoch, skip):
                 log.note_skipped(batch["skipped"])
-                loss, losses = train_step(run, batch, position.step)
+                loss, losses, updated = train_step(run, batch, position.step, guard)
 
                 global_batch = batch["image"].shape[0] * run.world
                 position.step += 1
                 position.batch_in_epoch += 1
                 position.samples_seen += global_batch
-                log.step_done(loss, global_batch)
+                log.step_done(loss, global_batch, updated)
                 if log.due(position.step):
                     log.write_step(position.step, epoch, position.samples_seen, losses, run.scheduler, run.unwrapped)
                 if tc.checkpoint_every and position.step % tc.checkpoint_every == 0 and position.step < run.total_steps:
                     state = position.trainer_state(run.total_steps, run.world)
-                    save_checkpoint(accelerator, run.model, output_dir, state, keep=tc.keep_checkpoints)
+                    save_checkpoint(run.checkpointed, output_dir, state, keep=tc.keep_checkpoints)
                 if on_step is not None:
                     on_step(position.step)
                 if position.step >= run.total_steps:
@@ -107,22 +113,37 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
 
 
 def _finish(run: PreparedRun, log: RunLog, position: Position, output_dir: Path) -> TrainResult:
-    """Report skipped samples, take the final checkpoint (with ``train.checkpoint_every``), save ``final/``
-    (the EMA weights when ``train.ema_decay`` is set, the last ones then in ``final-online/``)."""
+    """Refuse NaN / inf weights, report skipped samples, take the final checkpoint (with
+    ``train.checkpoint_every``), save ``final/`` (the EMA weights when ``train.ema_decay`` is set, the last
+    ones then in ``final-online/``)."""
     accelerator, tc = run.accelerator, run.cfg.train
+    _refuse_non_finite_weights(run, position.step)
     skipped_total = log.skipped_total()
     if skipped_total:
         logger.warning("%d bad samples were skipped in total (see train.rank*.log)", skipped_total)
     if tc.checkpoint_every:
         end = replace(position, epoch=run.num_epochs, batch_in_epoch=0)
-        save_checkpoint(accelerator, run.model, output_dir, end.trainer_state(run.total_steps, run.world),
+        save_checkpoint(run.checkpointed, output_dir, end.trainer_state(run.total_steps, run.world),
                         keep=tc.keep_checkpoints)
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
         if run.ema is not None:
             run.unwrapped.save_pretrained(output_dir / "final-online")
         run.scored.save_pretrained(final_dir)
-        logger.info("saved the final model%s to %s", " (EMA weights)" if run.ema is not None else "", final_dir)
+        skipped_steps = f" (steps skipped for a non-finite loss: {log.nonfinite_steps})" if log.nonfinite_steps else ""
+        logger.info("saved the final model%s to %s%s", " (EMA weights)" if run.ema is not None else "", final_dir,
+                    skipped_steps)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=output_dir, final_dir=final_dir, step=position.step, skipped_samples=skipped_total,
-                       val_metrics=log.val_history, samples_per_second=log.samples_per_second())
+                       val_metrics=log.val_history, samples_per_second=log.samples_per_second(),
+                       nonfinite_steps=log.nonfinite_steps)
+
+
+def _refuse_non_finite_weights(run: PreparedRun, step: int) -> None:
+    """A NaN / inf weight (a finite loss can still blow the weights up, e.g. a huge lr) stops the run before
+    the last checkpoint and ``final/`` are written. Every process checks (their weights are the same)."""
+    for model in [run.scored] + ([run.unwrapped] if run.ema is not None else []):
+        bad = first_non_finite(model.state_dict())
+        if bad is not None:
+            raise ValueError(f"train: the weights hold NaN or inf values after step {step} (e.g. {bad}); final/ "
+                             f"was not written; lower train.lr or check the data")
