@@ -69,6 +69,10 @@ class ModelConfig:
     # width null (= text width), heads null (= width // 64), mlp_ratio 4, itm true, mlm true, negatives
     # hard | random, negatives_from local | global, mlm_probability 0.15 (see vlpretrain.models.fusion).
     fusion: dict = field(default_factory=dict)
+    # Recompute each transformer block's activations in the backward pass instead of keeping them (open_clip's
+    # set_grad_checkpointing, transformers' activation checkpointing): less memory, one more forward per step.
+    # Applied when a run trains the model; a saved model loads the same either way.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -113,7 +117,13 @@ class TrainConfig:
     output_dir: str = "runs/default"
     epochs: int = 1
     max_steps: Optional[int] = None
+    # Per process and per micro-batch: one optimizer step trains on batch_size x accum_freq x processes pairs.
     batch_size: int = 64
+    # Feature-cache accumulation (open_clip's --accum-freq): accum_freq micro-batches per optimizer step, the
+    # loss over all of them (accum_freq x batch_size negatives per process) at one micro-batch's activation
+    # memory, for one extra forward per micro-batch (its features are cached, then recomputed with gradients).
+    # Not with loss.name=albef.
+    accum_freq: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.2
     beta1: float = 0.9
@@ -142,8 +152,14 @@ class TrainConfig:
     resume: Optional[str] = None
     overwrite: bool = False
     progress: bool = True
+    # torch.profiler over this many optimizer steps after the first (0 = off): profile.json (seconds per step in
+    # data wait, forward, backward, gather, optimizer, other) and profile_trace.json (Chrome trace) in output_dir.
+    profile_steps: int = 0
     # Steps whose loss is NaN / inf are skipped (no weight update); this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # torch.compile the model for training (inductor; the first step compiles for tens of seconds; a CPU needs a
+    # C++ compiler). Eval, checkpoints and final/ use the plain module.
+    compile: bool = False
 
 
 @dataclass

@@ -101,6 +101,7 @@ RANGES: dict[str, Range] = {
     "train.epochs": _SIZE,
     "train.max_steps": Range(1, integer=True, hint="null: train.epochs decide"),
     "train.batch_size": _SIZE,
+    "train.accum_freq": Range(1, integer=True, hint="1: no accumulation"),
     "train.lr": _NON_NEGATIVE,  # 0 is allowed: a run that changes nothing (tests use it as a control)
     "train.weight_decay": _NON_NEGATIVE,
     "train.beta1": _FRACTION,
@@ -116,6 +117,7 @@ RANGES: dict[str, Range] = {
     "train.log_every": _SIZE,
     "train.seed": Range(0, 2**32 - 1, integer=True),
     "train.threads": _SIZE,
+    "train.profile_steps": Range(0, integer=True, hint="0: no profiling"),
     "train.max_nonfinite_steps": _SIZE,
     "loss.weight": _NON_NEGATIVE,
     "loss.itc_weight": _NON_NEGATIVE,

@@ -292,6 +292,24 @@ def load_image_settings(source: str, config) -> dict:
     }
 
 
+def set_hf_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """Turn a transformers model's activation checkpointing on or off (non-reentrant, so it works whatever
+    its inputs; transformers 5 names it ``activation_checkpointing_enable``, 4.x ``gradient_checkpointing_enable``).
+
+    Example:
+        >>> set_hf_checkpointing(towers.hf_model)
+        >>> towers.hf_model.text_model.encoder.layers[0].gradient_checkpointing
+        True
+    """
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    if not enable:
+        (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()
+    elif new_names:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _set_trainable(params, flag: bool) -> None:
     for param in params:
         param.requires_grad = flag
@@ -356,6 +374,10 @@ class HFDualTowers(nn.Module):
         # No attention mask, as both models were trained (see HFTokenizer).
         features = self._pooled(self.hf_model.get_text_features(input_ids=tokens))
         return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in both towers (open_clip's name for it, so DualEncoder calls one method)."""
+        set_hf_checkpointing(self.hf_model, enable)
 
     def _tower_groups(self, which: str) -> list[list[nn.Parameter]]:
         """[embeddings (+ pre-norm)], one group per encoder layer, [final norm + head / projection]."""

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,6 +24,7 @@ from ..config import RecipeConfig
 from ..data.named import open_named_corpus
 from ..io import write_json
 from ..losses import create_loss
+from .accumulation import optimizer_steps
 from .checkpoint import list_checkpoints
 from .checkpoint_state import TrainerObjects
 from .data import build_train_dataset
@@ -72,11 +74,13 @@ class PreparedRun:
         """How many processes train together."""
         return self.accelerator.num_processes
 
-    def epoch_loader(self, epoch: int, skip_batches: int = 0):
-        """The loader for ``epoch``, its first ``skip_batches`` batches skipped (a resumed epoch).
+    def epoch_loader(self, epoch: int, skip_steps: int = 0):
+        """The loader for ``epoch`` (``train.batch_size`` micro-batches), the batches of its first
+        ``skip_steps`` optimizer steps skipped (a resumed epoch).
 
         Example: ``for batch in run.epoch_loader(3): ...``
         """
+        skip_batches = skip_steps * self.cfg.train.accum_freq
         if self.stream:
             # The stream replays the epoch's shard order and skips what was trained on itself.
             self.dataset.set_epoch(epoch, skip_batches)
@@ -95,10 +99,12 @@ class PreparedRun:
         """One log line: corpus, processes, batch, steps, trainable parameters, precision."""
         tc = self.cfg.train
         trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-        logger.info("training %s: %d pairs, %d processes x batch %d, %d steps/epoch, %d steps, "
+        accumulated = f" x {tc.accum_freq} accumulated" if tc.accum_freq > 1 else ""
+        logger.info("training %s: %d pairs, %d processes x batch %d%s, %d steps/epoch, %d steps, "
                     "%.1fM trainable parameters, precision %s", self.cfg.data.train,
                     self.dataset.samples_per_epoch if self.stream else len(self.dataset), self.world,
-                    tc.batch_size, self.steps_per_epoch, self.total_steps, trainable / 1e6, tc.precision)
+                    tc.batch_size, accumulated, self.steps_per_epoch, self.total_steps, trainable / 1e6,
+                    tc.precision)
 
 
 def _started_without_drawing(loader):
@@ -135,6 +141,58 @@ def make_accelerator(cfg: RecipeConfig) -> "Accelerator":
     # Accelerator(cpu=True) is what lets `accelerate launch --multi_gpu` run gloo processes on a CPU box.
     return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
                        dataloader_config=DataLoaderConfiguration(even_batches=True))
+
+
+# torch.compile's backend for train.compile (a module constant so a test can trace with "eager" in seconds).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_for_training(model: torch.nn.Module, cfg: RecipeConfig) -> torch.nn.Module:
+    """``model`` (as ``accelerator.prepare`` returned it) under ``torch.compile`` when ``train.compile`` is set.
+
+    Compiled last, after any DDP wrapper, as Accelerate's ``dynamo_backend`` does; done here instead because
+    Accelerate keeps its dynamo setting per process (the first run's, for every later run in it) and turns on
+    TF32 for fp32 GPU runs. ``PreparedRun.unwrapped`` is the plain module (no ``_orig_mod.`` keys), which
+    eval, EMA, checkpoints and ``final/`` use.
+
+    Example: ``model = compile_for_training(accelerator.prepare(model), cfg)``
+    """
+    backend = compile_backend(cfg)
+    return torch.compile(model, backend=backend) if backend else model
+
+
+def compile_backend(cfg: RecipeConfig) -> Optional[str]:
+    """torch.compile's backend for ``train.compile``: None when off, else :data:`COMPILE_BACKEND`, once it is
+    known to work here; what is missing (a C++ compiler on a CPU, triton on a GPU) is a one-line error.
+
+    Example:
+        >>> compile_backend(load_recipe("recipes/demo-emoji.yaml", ["train.compile=true"]))
+        'inductor'
+    """
+    if not cfg.train.compile:
+        return None
+    from torch._dynamo.eval_frame import is_dynamo_supported
+
+    off = "or set train.compile: false"
+    if not is_dynamo_supported():
+        raise ValueError(f"train.compile: torch.compile does not support Python {sys.version.split()[0]} with "
+                         f"torch {torch.__version__}; {off}")
+    if COMPILE_BACKEND != "inductor":
+        return COMPILE_BACKEND
+    if torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError(f"train.compile: torch.compile on a GPU needs triton (pip install triton); {off}")
+        return COMPILE_BACKEND
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except RuntimeError:  # inductor's InvalidCxxCompiler: none of its compilers (or $CXX) runs
+        raise ValueError(f"train.compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX "
+                         f"naming one): apt-get install g++, {off}") from None
+    return COMPILE_BACKEND
 
 
 def resolve_precision(precision: str) -> str:
@@ -194,6 +252,8 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
         write_json(cfg.to_dict(), output_dir / "recipe.json")
 
     model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     loss_fn = _make_loss(cfg)
     dataset = build_train_dataset(cfg.data, model, tc.seed, tc.batch_size, accelerator.process_index, world)
     if isinstance(dataset, IterableDataset):
@@ -209,8 +269,9 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
 
     optimizer = create_optimizer(model, tc)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model = compile_for_training(model, cfg)
     return _register_the_rest(cfg, accelerator, model, loss_fn, optimizer, dataset, sampler, loader, val_corpus,
-                              steps_per_epoch=len(loader))
+                              steps_per_epoch=optimizer_steps(len(loader), tc.accum_freq))
 
 
 def _prepare_stream_run(cfg: RecipeConfig, accelerator: "Accelerator", model, loss_fn, dataset) -> PreparedRun:
@@ -226,8 +287,9 @@ def _prepare_stream_run(cfg: RecipeConfig, accelerator: "Accelerator", model, lo
     val_corpus = open_named_corpus(cfg.data.val, cfg.data, cfg.data.val_split) if cfg.data.val else None
     optimizer = create_optimizer(model, tc)
     model, optimizer = accelerator.prepare(model, optimizer)
+    model = compile_for_training(model, cfg)
     return _register_the_rest(cfg, accelerator, model, loss_fn, optimizer, dataset, None, loader, val_corpus,
-                              steps_per_epoch=dataset.steps_per_epoch, stream=True)
+                              steps_per_epoch=optimizer_steps(dataset.steps_per_epoch, tc.accum_freq), stream=True)
 
 
 def _register_the_rest(cfg: RecipeConfig, accelerator: "Accelerator", model, loss_fn, optimizer, dataset, sampler,
@@ -239,7 +301,9 @@ def _register_the_rest(cfg: RecipeConfig, accelerator: "Accelerator", model, los
     # Not passed through accelerator.prepare(): that steps it once per process per step; we step
     # it once per optimizer step and our checkpoints carry it.
     scheduler = create_scheduler(optimizer, tc, total_steps)
-    unwrapped = accelerator.unwrap_model(model)
+    # The plain module under torch.compile and DDP: what eval, EMA and checkpoints use (no _orig_mod. keys;
+    # unwrap_model keeps the compile wrapper by default, and accelerate < 1.4 has no option to drop it).
+    unwrapped = accelerator.unwrap_model(getattr(model, "_orig_mod", model))
     ema = _make_ema(unwrapped, tc)
     momentum = _make_momentum_model(unwrapped, cfg)
     stateful_loss = any(True for _ in loss_fn.buffers())  # the ITC queue: saved and restored with the run

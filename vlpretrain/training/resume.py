@@ -19,7 +19,8 @@ logger = logging.getLogger("vlpretrain.train")
 
 @dataclass
 class Position:
-    """Optimizer steps done, the epoch and the batches of it done, and samples seen by all processes.
+    """Optimizer steps done, the epoch and the optimizer steps of it done (``batch_in_epoch``: each step
+    trains on ``train.accum_freq`` loader batches), and samples seen by all processes.
 
     Example: ``Position(step=48, epoch=2, batch_in_epoch=0, samples_seen=6144)``
     """
@@ -29,17 +30,18 @@ class Position:
     batch_in_epoch: int = 0
     samples_seen: int = 0
 
-    def trainer_state(self, total_steps: int, world: int) -> dict:
+    def trainer_state(self, total_steps: int, world: int, accum_freq: int = 1) -> dict:
         """What ``trainer_state.json`` holds for a checkpoint taken here.
 
         Example: ``save_checkpoint(run.checkpointed, out, position.trainer_state(1000, 8))``
         """
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_seen": self.samples_seen, "total_steps": total_steps, "world_size": world}
+                "samples_seen": self.samples_seen, "total_steps": total_steps, "world_size": world,
+                "accum_freq": accum_freq}
 
 
 def resume_position(objects: "TrainerObjects", resume: Optional[str], output_dir: Path, total_steps: int,
-                    steps_per_epoch: int) -> Position:
+                    steps_per_epoch: int, accum_freq: int = 1) -> Position:
     """Check the checkpoint ``train.resume`` names (``latest`` or a folder) against its manifest, load it
     into ``objects`` (and this process's random generators) and return where it stopped; a fresh start
     (``Position()``) without one. A damaged checkpoint, or one of an older version, is a one-line error.
@@ -47,7 +49,8 @@ def resume_position(objects: "TrainerObjects", resume: Optional[str], output_dir
     A checkpoint taken after the last batch of an epoch resumes at the start of the next epoch. A stream
     of shards (:class:`~vlpretrain.data.shard_dataset.ShardStream`) resumes from the same two numbers: the
     trainer hands ``epoch`` and ``batch_in_epoch`` to ``PreparedRun.epoch_loader``, which restarts the
-    epoch's shard order and skips this process's samples of those batches.
+    epoch's shard order and skips this process's samples of those steps (``batch_in_epoch`` x
+    ``train.accum_freq`` batches).
 
     Example: ``start = resume_position(run.checkpointed, "latest", Path("runs/demo"), 384, 24)``
     """
@@ -66,6 +69,10 @@ def resume_position(objects: "TrainerObjects", resume: Optional[str], output_dir
         # Each process's share of the data (its sampler shard, or its shards of a stream) depends on the world.
         logger.warning("resuming a run of %s processes with %d: the data after the resume differs from what the "
                        "uninterrupted run would have read", state["world_size"], accelerator.num_processes)
+    if state.get("accum_freq", 1) != accum_freq:
+        # batch_in_epoch counts optimizer steps: with another accum_freq they stand for other batches.
+        logger.warning("resuming a run of train.accum_freq=%s with %d: the data after the resume differs from what "
+                       "the uninterrupted run would have read", state.get("accum_freq", 1), accum_freq)
     if state.get("total_steps") not in (None, total_steps):
         logger.warning("resuming a run planned for %s steps with %s steps", state["total_steps"], total_steps)
     if skip_batches >= steps_per_epoch:

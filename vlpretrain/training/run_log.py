@@ -139,6 +139,8 @@ class RunLog:
                   "samples_per_s": throughput, "skipped_samples": skipped_total,
                   "nonfinite_steps": self.nonfinite_steps, "samples_seen": samples_seen,
                   "elapsed_s": time.perf_counter() - self.train_start}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the GPU's peak, for big-batch settings
+            record["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         self.write(record)
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}",
                              sps=f"{throughput:.0f}", refresh=False)

@@ -1,5 +1,7 @@
 """One optimizer step: forward, momentum distillation targets, loss, backward, the non-finite loss check,
-clip, optimizer and schedule step, logit-scale clamp, then the EMA and momentum updates.
+clip, optimizer and schedule step, logit-scale clamp, then the EMA and momentum updates. With
+``train.accum_freq`` K > 1 the forward / loss / backward part runs over K micro-batches
+(:mod:`vlpretrain.training.accumulation`); the rest runs once per optimizer step, as with K = 1.
 
 The order below is the run's numerics (and, for the momentum queue, its state): keep it.
 """
@@ -11,7 +13,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ..losses.albef import distill_alpha_at
+from .accumulation import accumulate_gradients
 from .prepare import PreparedRun
+from .profiling import phase
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,38 +59,60 @@ class NonFiniteGuard:
         return False
 
 
-def train_step(run: PreparedRun, batch: dict, step: int,
+def train_step(run: PreparedRun, batches: list[dict], step: int,
                guard: NonFiniteGuard) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-    """Train on ``batch``; ``step`` is the number of optimizer steps done before this one.
+    """Train on ``batches`` (``train.accum_freq`` micro-batches, one optimizer step); ``step`` is the number
+    of optimizer steps done before this one.
 
     Returns the summed, weighted loss (still on the device), the objective's dict of terms, and whether
     the weights were updated: a NaN / inf loss on any process skips the update on all of them (gradients
     dropped; the schedule still advances, so it stays a function of the step).
 
-    Example: ``loss, terms, updated = train_step(run, batch, position.step, guard)``
+    Example: ``loss, terms, updated = train_step(run, [batch], position.step, guard)``
     """
     cfg, accelerator = run.cfg, run.accelerator
-    out = run.model(batch["image"], batch["tokens"], image_ids=batch["index"])
-    distill = _momentum_targets(run, batch, step) if run.momentum is not None else {}
-    losses = run.loss_fn(**out, **distill)
-    loss = sum(cfg.loss.weight * v for k, v in losses.items() if k.endswith("_loss"))
-    accelerator.backward(loss)
+    if len(batches) > 1:
+        loss, losses = accumulate_gradients(lambda b: _forward(run, b), run.loss_fn, batches,
+                                            total=lambda terms: _weighted_sum(cfg.loss.weight, terms),
+                                            backward=accelerator.backward,
+                                            no_sync=lambda: accelerator.no_sync(run.model))
+        distill: dict = {}  # ALBEF (momentum) refuses accumulation: check_accumulation
+    else:
+        batch = batches[0]
+        with phase("forward"):
+            out = _forward(run, batch)
+            distill = _momentum_targets(run, batch, step) if run.momentum is not None else {}
+            losses = run.loss_fn(**out, **distill)
+            loss = _weighted_sum(cfg.loss.weight, losses)
+        with phase("backward"):
+            accelerator.backward(loss)
     if not guard.check(loss, step + 1):
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         return loss, losses, False
-    if cfg.train.grad_clip_norm:
-        accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.unwrapped.clamp_logit_scale()
-    if run.ema is not None:
-        run.ema.update(run.unwrapped, step=step + 1)
-    if run.momentum is not None:
-        run.loss_fn.dequeue_and_enqueue(distill["momentum_image_features"], distill["momentum_text_features"])
-        run.momentum.update(run.unwrapped)
+    with phase("optimizer"):
+        if cfg.train.grad_clip_norm:
+            accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.unwrapped.clamp_logit_scale()
+        if run.ema is not None:
+            run.ema.update(run.unwrapped, step=step + 1)
+        if run.momentum is not None:
+            run.loss_fn.dequeue_and_enqueue(distill["momentum_image_features"], distill["momentum_text_features"])
+            run.momentum.update(run.unwrapped)
     return loss, losses, True
+
+
+def _forward(run: PreparedRun, batch: dict) -> dict:
+    """The model's output dict on ``batch`` (features, logit scale / bias; fusion outputs with heads)."""
+    return run.model(batch["image"], batch["tokens"], image_ids=batch["index"])
+
+
+def _weighted_sum(weight: float, losses: dict) -> torch.Tensor:
+    """The loss to backpropagate: ``loss.weight`` x the sum of the objective's ``*_loss`` terms."""
+    return sum(weight * v for k, v in losses.items() if k.endswith("_loss"))
 
 
 @torch.no_grad()

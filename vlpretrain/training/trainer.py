@@ -21,8 +21,10 @@ import torch
 from ..config import RecipeConfig
 from ..models.dual_encoder import first_non_finite
 from ..recipe_ranges import check_ranges
+from .accumulation import check_accumulation, grouped
 from .checkpoint import save_checkpoint
 from .prepare import PreparedRun, make_accelerator, prepare_run
+from .profiling import StepProfiler, timed_batches
 from .resume import Position, resume_position
 from .run_log import RunLog, close_logging, setup_logging
 from .step import NonFiniteGuard, train_step
@@ -58,6 +60,7 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
     """
     tc = cfg.train
     check_ranges(cfg)  # a recipe built in Python, not loaded, is checked here
+    check_accumulation(cfg)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     accelerator = make_accelerator(cfg)
@@ -70,29 +73,33 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
 
 
 def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[Callable[[int], None]]) -> TrainResult:
-    """Prepare the run and resume it if asked; then, batch by batch: one optimizer step, a metrics record
-    every ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every``; validate after each
-    epoch; finish with the final checkpoint and model."""
+    """Prepare the run and resume it if asked; then, ``train.accum_freq`` batches at a time: one optimizer
+    step, a metrics record every ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every``;
+    validate after each epoch; finish with the final checkpoint and model."""
     tc = cfg.train
     run = prepare_run(cfg, accelerator, output_dir)
-    position = resume_position(run.checkpointed, tc.resume, output_dir, run.total_steps, run.steps_per_epoch)
-    first_epoch, skip_batches = position.epoch, position.batch_in_epoch
+    position = resume_position(run.checkpointed, tc.resume, output_dir, run.total_steps, run.steps_per_epoch,
+                               tc.accum_freq)
+    first_epoch, skip_steps = position.epoch, position.batch_in_epoch
     run.log_summary()
     log = RunLog(accelerator, output_dir, run.total_steps, position.step, tc.log_every, tc.progress)
     guard = NonFiniteGuard(accelerator, tc.max_nonfinite_steps)
+    profiler = StepProfiler(tc.profile_steps, output_dir, enabled=accelerator.is_main_process)
 
     run.model.train()
     try:
         for epoch in range(first_epoch, run.num_epochs):
             if position.step >= run.total_steps:
                 break
-            skip = skip_batches if epoch == first_epoch else 0
+            skip = skip_steps if epoch == first_epoch else 0
             position.epoch, position.batch_in_epoch = epoch, skip
-            for batch in run.epoch_loader(epoch, skip):
-                log.note_skipped(batch["skipped"])
-                loss, losses, updated = train_step(run, batch, position.step, guard)
+            # train.accum_freq micro-batches of train.batch_size make one optimizer step.
+            for batches in grouped(timed_batches(run.epoch_loader(epoch, skip)), tc.accum_freq):
+                for batch in batches:
+                    log.note_skipped(batch["skipped"])
+                loss, losses, updated = train_step(run, batches, position.step, guard)
 
-                global_batch = batch["image"].shape[0] * run.world
+                global_batch = sum(batch["image"].shape[0] for batch in batches) * run.world
                 position.step += 1
                 position.batch_in_epoch += 1
                 position.samples_seen += global_batch
@@ -100,14 +107,16 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                 if log.due(position.step):
                     log.write_step(position.step, epoch, position.samples_seen, losses, run.scheduler, run.unwrapped)
                 if tc.checkpoint_every and position.step % tc.checkpoint_every == 0 and position.step < run.total_steps:
-                    state = position.trainer_state(run.total_steps, run.world)
+                    state = position.trainer_state(run.total_steps, run.world, tc.accum_freq)
                     save_checkpoint(run.checkpointed, output_dir, state, keep=tc.keep_checkpoints)
+                profiler.step_done()
                 if on_step is not None:
                     on_step(position.step)
                 if position.step >= run.total_steps:
                     break
             validate_at_epoch_end(run, log, position.step, epoch)
     finally:
+        profiler.close()
         log.close()
     return _finish(run, log, position, output_dir)
 
@@ -123,7 +132,7 @@ def _finish(run: PreparedRun, log: RunLog, position: Position, output_dir: Path)
         logger.warning("%d bad samples were skipped in total (see train.rank*.log)", skipped_total)
     if tc.checkpoint_every:
         end = replace(position, epoch=run.num_epochs, batch_in_epoch=0)
-        save_checkpoint(run.checkpointed, output_dir, end.trainer_state(run.total_steps, run.world),
+        save_checkpoint(run.checkpointed, output_dir, end.trainer_state(run.total_steps, run.world, tc.accum_freq),
                         keep=tc.keep_checkpoints)
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
