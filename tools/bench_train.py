@@ -129,7 +129,7 @@ def bench_vlp(args, model_dir: Path, work: Path, env: dict, overrides: Optional[
     """One ``vlp train`` run on synthetic pairs for ``steps`` optimizer steps (default ``--steps``), in ``work / tag``.
     ``overrides`` (dotted recipe keys: ``{"train.accum_freq": 8}``) go on its command line, so the results file
     shows them; ``train.batch_size`` (default ``--batch-size``) x ``train.accum_freq`` pairs make a step."""
-    overrides, steps = overrides or {}, steps or args.steps
+    overrides, steps = {**({"train.compile": True} if args.compile else {}), **(overrides or {})}, steps or args.steps
     effective = overrides.get("train.batch_size", args.batch_size) * overrides.get("train.accum_freq", 1)
     recipe = {
         "model": {"arch": str(model_dir / "open_clip_config.json")},
@@ -163,7 +163,8 @@ def bench_open_clip(args, model_dir: Path, work: Path, env: dict) -> dict:
            "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "1e-4", "--warmup", "2",
            "--workers", str(args.workers), "--device", args.device, "--precision", args.precision,
            "--log-every-n-steps", str(args.log_every), "--logs", str(work / "open_clip_logs"),
-           "--name", "bench", "--save-frequency", "0", "--report-to", "", "--seed", "0"]
+           "--name", "bench", "--save-frequency", "0", "--report-to", "", "--seed", "0",
+           *(["--torchcompile"] if args.compile else [])]
     peak, wall = run(cmd, env, work / "open_clip.log")
     text = (work / "open_clip.log").read_text()
     # "Batch (t): 0.924" is the mean step time of the interval since the previous log line.
@@ -300,6 +301,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "amp_bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each trainer (median reported)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both trainers (vlp: train.compile=true; open_clip_train: --torchcompile); "
+                             "the first logged interval, which holds the compilation, is left out as always")
     parser.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
                         help="also profile STEPS steps (default 5, after 1 warm-up step) of vlp train in one more "
                              "run per configuration (train.profile_steps): seconds per step in data wait, forward, "
