@@ -52,14 +52,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
-    """``latest`` -> newest checkpoint of ``output_dir`` (None if there is none); else a folder path."""
-    if resume == "latest":
+    """``latest`` or its synonym ``auto`` -> newest checkpoint of ``output_dir`` (None if there is none:
+    a fresh start); else a folder path."""
+    if resume in ("latest", "auto"):
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a checkpoint folder (no {TRAINER_STATE}); "
-                                f"use 'latest' or a folder under {checkpoint_root(output_dir)}")
+                                f"use 'auto' (or 'latest') or a folder under {checkpoint_root(output_dir)}")
     return path
 
 

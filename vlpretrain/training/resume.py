@@ -58,7 +58,7 @@ def resume_position(objects: "TrainerObjects", resume: Optional[str], output_dir
         return Position()
     checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is None:
-        logger.info("train.resume=latest: no checkpoint in %s yet, starting fresh", output_dir)
+        logger.info("train.resume=%s: no checkpoint in %s yet, starting fresh", resume, output_dir)
         return Position()
     load_trainer_objects(objects, checkpoint, verify_checkpoint(checkpoint))
     accelerator = objects.accelerator

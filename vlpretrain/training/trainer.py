@@ -22,7 +22,8 @@ from ..config import RecipeConfig
 from ..models.dual_encoder import first_non_finite
 from ..recipe_ranges import check_ranges
 from .accumulation import check_accumulation, grouped
-from .checkpoint import save_checkpoint
+from .checkpoint import checkpoint_root, save_checkpoint
+from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .prepare import PreparedRun, make_accelerator, prepare_run
 from .profiling import StepProfiler, timed_batches
 from .resume import Position, resume_position
@@ -46,12 +47,16 @@ class TrainResult:
     val_metrics: list[dict] = field(default_factory=list)
     samples_per_second: float = 0.0
     nonfinite_steps: int = 0
+    preempted: bool = False  # stopped by SIGTERM / SIGUSR1 after a checkpoint; ``final_dir`` is None
 
 
 def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Train a dual encoder as the recipe says; returns where the final model was written.
 
     ``on_step(step)`` is called after every optimizer step (tests use it to interrupt a run).
+    SIGTERM or SIGUSR1 during the run stop it after the current step with a checkpoint and
+    ``preempted=True`` in the result (see :mod:`vlpretrain.training.preemption`); the previous signal
+    handlers are back when this returns.
 
     Example:
         >>> from vlpretrain.config import load_recipe
@@ -67,15 +72,17 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
     output_dir = Path(tc.output_dir)
     setup_logging(accelerator, output_dir)
     try:
-        return _train(cfg, accelerator, output_dir, on_step)
+        with StopRequest(accelerator) as stop:
+            return _train(cfg, accelerator, output_dir, on_step, stop)
     finally:
         close_logging()
 
 
-def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[Callable[[int], None]]) -> TrainResult:
+def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[Callable[[int], None]],
+           stop: StopRequest) -> TrainResult:
     """Prepare the run and resume it if asked; then, ``train.accum_freq`` batches at a time: one optimizer
-    step, a metrics record every ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every``;
-    validate after each epoch; finish with the final checkpoint and model."""
+    step, a metrics record every ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every``
+    (and one when a stop signal came); validate after each epoch; finish with the final checkpoint and model."""
     tc = cfg.train
     run = prepare_run(cfg, accelerator, output_dir)
     position = resume_position(run.checkpointed, tc.resume, output_dir, run.total_steps, run.steps_per_epoch,
@@ -106,19 +113,40 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                 log.step_done(loss, global_batch, updated)
                 if log.due(position.step):
                     log.write_step(position.step, epoch, position.samples_seen, losses, run.scheduler, run.unwrapped)
-                if tc.checkpoint_every and position.step % tc.checkpoint_every == 0 and position.step < run.total_steps:
+                saved = bool(tc.checkpoint_every) and position.step % tc.checkpoint_every == 0
+                if saved and position.step < run.total_steps:
                     state = position.trainer_state(run.total_steps, run.world, tc.accum_freq)
                     save_checkpoint(run.checkpointed, output_dir, state, keep=tc.keep_checkpoints)
                 profiler.step_done()
                 if on_step is not None:
                     on_step(position.step)
                 if position.step >= run.total_steps:
-                    break
+                    break  # a stop asked for at the last step: finishing is as quick as a checkpoint
+                if stop.agreed():
+                    return _preempted(run, log, position, output_dir, stop, already_saved=saved)
             validate_at_epoch_end(run, log, position.step, epoch)
     finally:
         profiler.close()
         log.close()
     return _finish(run, log, position, output_dir)
+
+
+def _preempted(run: PreparedRun, log: RunLog, position: Position, output_dir: Path, stop: StopRequest,
+               already_saved: bool) -> TrainResult:
+    """Every process, after the same step: checkpoint there (unless the periodic one just did) and
+    report the run as pre-empted; ``--resume auto`` continues it."""
+    tc = run.cfg.train
+    checkpoint = checkpoint_root(output_dir) / f"step_{position.step:08d}"
+    if not already_saved:
+        checkpoint = save_checkpoint(run.checkpointed, output_dir,
+                                     position.trainer_state(run.total_steps, run.world, tc.accum_freq),
+                                     keep=tc.keep_checkpoints)
+    logger.warning("stopped by %s after step %d of %d: checkpoint %s; continue with --resume auto "
+                   "(exit code %d)", stop.describe(), position.step, run.total_steps, checkpoint,
+                   PREEMPTED_EXIT_CODE)
+    return TrainResult(output_dir=output_dir, final_dir=None, step=position.step, skipped_samples=log.skipped_total(),
+                       val_metrics=log.val_history, samples_per_second=log.samples_per_second(),
+                       nonfinite_steps=log.nonfinite_steps, preempted=True)
 
 
 def _finish(run: PreparedRun, log: RunLog, position: Position, output_dir: Path) -> TrainResult:
