@@ -67,16 +67,13 @@ def test_parse_memory_zero():
 def test_choose_kind_boundaries():
     dim, budget = 512, 4 * GB
     assert choose_kind(999_999, dim, budget) == "flat"
-    assert choose_kind(1_000_000, dim, budget) == "hnsw"  # the size limit, not memory, rules here
-    # Flat must fit the budget: n*dim*4 bytes.
+    assert choose_kind(1_000_000, dim, budget) == "ivfsq8"  # the size limit, not memory, rules here
+    # The raw vectors (n*dim*4 bytes) must fit the budget, else the index is built on disk.
     assert choose_kind(1000, 16, 1000 * 16 * 4) == "flat"
-    assert choose_kind(1000, 16, 1000 * 16 * 4 - 1) == "ivfpq"
-    # HNSW: n*(dim*4 + 32*2*4)*1.1 bytes.
-    n = 2_000_000
-    hnsw_bytes = n * (dim * 4 + 256) * 1.1
-    assert choose_kind(n, dim, int(hnsw_bytes) + 1) == "hnsw"
-    assert choose_kind(n, dim, int(hnsw_bytes) - 1) == "ivfpq"
-    assert choose_kind(10_000_000, dim, budget) == "ivfpq"
+    assert choose_kind(1000, 16, 1000 * 16 * 4 - 1) == "ivf-ondisk"
+    assert choose_kind(2_000_000, dim, 2_000_000 * dim * 4) == "ivfsq8"
+    assert choose_kind(2_000_000, dim, 2_000_000 * dim * 4 - 1) == "ivf-ondisk"
+    assert choose_kind(10_000_000, dim, budget) == "ivf-ondisk"
 
 
 def test_factory_strings():
@@ -95,7 +92,7 @@ def test_factory_strings():
     assert pq_m(n, dim, 1000) == 1
     assert pq_m(1000, 32, GB) == 8  # at most dim / 4
     assert pq_m(1000, 48, GB) == 12
-    with pytest.raises(ValueError, match=r"^index kind 'annoy' is unknown: use one of auto, flat, hnsw, ivf, ivfpq$"):
+    with pytest.raises(ValueError, match=r"^index kind 'annoy' is unknown: use one of auto, flat, hnsw, ivf, ivfpq, ivfpq-refine, ivfsq8, ivf-ondisk$"):
         factory_string("annoy", 10, 4, GB)
 
 

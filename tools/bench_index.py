@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Retrieval index benchmark: FAISS flat / HNSW / IVF-PQ against ``torch.topk`` brute force, in one run.
+"""Retrieval index benchmark: FAISS flat / HNSW / IVF-PQ / IVF-SQ8 / re-scored IVF-PQ and ``auto`` (the kind
+`vlp index build` picks) against ``torch.topk`` brute force, in one run.
 
 Data: (i) clustered synthetic vectors -- a seeded Gaussian mixture (default 1000 centres in dim 256,
 noise of norm ``--spread`` around unit centres, every vector unit-normalized), with separate query
@@ -12,9 +13,14 @@ and the growth of the peak resident set while building), recall@k against exact 
 nprobe / efSearch on a separate set of tuning queries (``tune_search_params``, target ``--target``),
 and queries/s for one batch of ``--queries`` queries with 1 thread and with ``--threads`` threads.
 The reference is brute force with ``torch.topk`` (chunked matmul over the same base); ratios are the
-index's queries/s over the reference's at the same thread count.
+index's queries/s over the reference's (and over faiss flat's) at the same thread count, and
+``meets_target`` says whether recall@k >= ``--target`` at >= ``--speedup`` x exact search's queries/s.
+Measurement helpers live in ``bench_index_measure.py``; the larger-than-memory build has its own
+benchmark, ``bench_index_ondisk.py``.
 
     python tools/bench_index.py                            # 100k and 1M, writes results/bench_index.json
+    python tools/bench_index.py --sizes 1000000 --kinds flat,auto,ivfpq-refine --model none \
+        --out results/bench_index_auto.json                # auto at 1M against the target
     python tools/bench_index.py --quick --out /tmp/b.json  # seconds: tiny sizes, no model
 """
 
@@ -24,17 +30,11 @@ import argparse
 import gc
 import math
 import os
-import platform
-import re
 import sys
-import tempfile
-import threading
 import time
-from collections import Counter
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Optional
 
 # torch and faiss each bring their own OpenMP runtime; with the default active wait, one's idle threads
 # spin while the other's work, and multi-threaded faiss runs slow down several times on a few cores.
@@ -43,16 +43,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vlpretrain.retrieval.faiss_index import (  # noqa: E402
-    KINDS, build_faiss_index, exact_search, factory_string, parse_memory, recall_at_k, tune_search_params)
+    KINDS, build_faiss_index, choose_kind, exact_search, factory_string, parse_memory, recall_at_k, tune_search_params)
+from bench_index_measure import (  # noqa: E402
+    PeakRSS, add_flat_ratios, collect_native_stderr, machine_info, set_threads, timed, torch_topk)
 
 DEFAULT_MODEL = "runs/demo-emoji/final"
 HNSW_FALLBACKS = ((32, 40), (16, 40), (16, 20))  # (M, efConstruction), tried in order when a build is too long
 HNSW_SAMPLE = 20_000  # vectors built to estimate an HNSW build time before committing to a long one
 HNSW_MEASURE_DIRECTLY = 200_000  # up to this size an HNSW build is simply done, not estimated first
 SMALL_TRAIN = 10_000  # below this, IVF / PQ training has fewer points than faiss's k-means asks for
-QUICK = {"sizes": "10000", "dim": 32, "queries": 64, "centres": 20}  # 10k: enough to train IVF256 / PQ
+QUICK = {"sizes": "10000", "dim": 32, "queries": 64, "centres": 20,  # 10k: enough to train IVF256 / PQ
+         "kinds": "flat,hnsw,ivfpq"}
+FULL_KINDS = "flat,auto,ivfpq-refine,hnsw,ivfpq"
 REAL_NOTE = ("small: the real demo embeddings are only a few thousand vectors, far below the sizes where an "
              "approximate index pays off; shown for recall on a real, two-modality distribution, not for speed")
 
@@ -123,128 +128,6 @@ def real_embeddings(model_spec: str, batch_size: int, progress: bool) -> tuple[n
 
 
 # ------------------------------------------------------------------------------------ measurements
-
-def set_threads(threads: int) -> None:
-    import faiss
-    import torch
-
-    faiss.omp_set_num_threads(threads)
-    torch.set_num_threads(threads)
-
-
-def timed(fn: Callable[[], Any], min_seconds: float = 1.0, max_runs: int = 10) -> tuple[float, Any]:
-    """Best wall time of ``fn`` over runs until ``min_seconds`` have passed (at most ``max_runs``).
-
-    Example:
-        >>> seconds, result = timed(lambda: sum(range(1000)))
-    """
-    times, result = [], None
-    while True:
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        if sum(times) >= min_seconds or len(times) >= max_runs:
-            return min(times), result
-
-
-@contextmanager
-def collect_native_stderr(enabled: bool = True) -> Iterator[list[str]]:
-    """Collect what native code (faiss's k-means warnings) writes to file descriptor 2, as counted lines.
-
-    Example:
-        >>> with collect_native_stderr() as warnings:
-        ...     index.train(few_vectors)
-        >>> warnings  # ['64 x WARNING clustering 3775 points to 256 centroids: ...']
-    """
-    lines: list[str] = []
-    if not enabled:
-        yield lines
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            counts = Counter(line.strip() for line in capture.read().decode(errors="replace").splitlines() if line.strip())
-            lines.extend(f"{count} x {line}" for line, count in counts.items())
-
-
-def _status_kb(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) if match else 0
-
-
-class PeakRSS:
-    """Growth of the peak resident set (bytes) inside a ``with`` block.
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``) on entry, so the peak is that of
-    the block; where that is not allowed, a thread samples the resident set every 10 ms instead.
-
-    Example:
-        >>> with PeakRSS() as peak:
-        ...     x = np.ones(10_000_000)
-        >>> peak.delta > 0
-        True
-    """
-
-    def __init__(self) -> None:
-        self.delta, self.method = 0, "VmHWM"
-        self._stop, self._peak, self._thread = threading.Event(), 0, None
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _status_kb("VmRSS"))
-            time.sleep(0.01)
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        self._start = _status_kb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
-        except OSError:
-            self.method, self._peak = "sampled every 10 ms", self._start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, _status_kb("VmRSS"))
-        else:
-            peak = _status_kb("VmHWM")
-        self.delta = max(0, peak - self._start) * 1024
-
-
-def torch_topk(base, queries, k: int, chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner products by brute force: matmul over chunks of ``base``, merged with topk.
-
-    Example:
-        >>> scores, ids = torch_topk(torch.from_numpy(base), torch.from_numpy(queries), 10)
-    """
-    import torch
-
-    k = min(k, base.shape[0])
-    best_scores = best_ids = None
-    with torch.no_grad():
-        for start in range(0, base.shape[0], chunk):
-            scores = queries @ base[start:start + chunk].T
-            values, ids = scores.topk(min(k, scores.shape[1]), dim=1)
-            ids += start
-            if best_scores is not None:
-                values, ids = torch.cat([best_scores, values], 1), torch.cat([best_ids, ids], 1)
-                values, order = values.topk(k, dim=1)
-                ids = ids.gather(1, order)
-            best_scores, best_ids = values, ids
-    return best_scores.numpy(), best_ids.numpy()
-
 
 # ------------------------------------------------------------------------------------------ HNSW plan
 
@@ -336,6 +219,12 @@ def bench_index(kind: str, base: np.ndarray, query_sets: dict, exact: dict, tune
     entry: dict = {"kind": kind}
     set_threads(args.threads)
     plan = None
+    if kind == "auto":  # what `vlp index build --kind auto` would build for this size and budget
+        kind = entry["chosen"] = choose_kind(n, dim, budget)
+        if kind == "ivf-ondisk":
+            entry["skipped"] = ("auto builds on disk here (the raw vectors exceed --memory-budget): measure it with "
+                                "tools/bench_index_ondisk.py")
+            return entry
     if kind == "hnsw":
         plan = plan_hnsw(n, base, hnsw_measured, args.hnsw_limit_minutes * 60)
         entry["hnsw_plan"] = plan
@@ -397,7 +286,7 @@ def bench_index(kind: str, base: np.ndarray, query_sets: dict, exact: dict, tune
             result["qps_ratio_vs_torch_topk"][str(threads)] = round(qps / ref["query_sets"][name]["qps"][str(threads)], 3)
         result[f"recall@{args.k}"] = round(recall_at_k(ids, exact[name], args.k), 4)
         entry["query_sets"][name] = result
-    return entry  # the index is freed here, before the next kind is built
+    return entry
 
 
 def run_dataset(name: str, base: np.ndarray, query_sets: dict, args, hnsw_measured: dict, extra: dict,
@@ -417,6 +306,7 @@ def run_dataset(name: str, base: np.ndarray, query_sets: dict, args, hnsw_measur
     for kind in args.kinds:
         result["indexes"].append(bench_index(kind, base, query_sets, exact, tune, ref, args, hnsw_measured, holdout))
         gc.collect()
+    add_flat_ratios(result, args.target, args.speedup)
     return result
 
 
@@ -426,7 +316,7 @@ def table(results: list[dict], thread_counts: list[int], k: int) -> str:
     """A plain-text table: one line per (dataset, query set, method)."""
     tcols = [str(t) for t in thread_counts]
     w = max([len(f"{r['dataset']} n={r['n']:,}") for r in results] + [7]) + 2
-    head = (f"{'dataset':<{w}}{'queries':<8}{'method':<22}{'build s':>9}{'MB':>9}{'RSS+MB':>9}{'params':>15}"
+    head = (f"{'dataset':<{w}}{'queries':<8}{'method':<22}{'build s':>9}{'MB':>9}{'RSS+MB':>9}{'params':>22}"
             f"{'R@' + str(k):>8}" + "".join(f"{'q/s ' + t + 't':>11}{'x torch':>9}" for t in tcols))
     lines = [head, "-" * len(head)]
     for r in results:
@@ -434,7 +324,7 @@ def table(results: list[dict], thread_counts: list[int], k: int) -> str:
         for qname in r["num_queries"]:
             ref = r["reference"]["query_sets"][qname]
             lines.append(f"{label:<{w}}{qname:<8}{'torch.topk':<22}{0:>9.1f}{r['reference']['index_bytes'] / 1e6:>9.1f}"
-                         f"{'-':>9}{'-':>15}{ref[f'recall@{k}']:>8.3f}"
+                         f"{'-':>9}{'-':>22}{ref[f'recall@{k}']:>8.3f}"
                          + "".join(f"{ref['qps'][t]:>11.0f}{1:>9.2f}" for t in tcols))
             for e in r["indexes"]:
                 name = e.get("factory", e["kind"])
@@ -444,31 +334,9 @@ def table(results: list[dict], thread_counts: list[int], k: int) -> str:
                 q = e["query_sets"][qname]
                 params = ",".join(f"{a}={b}" for a, b in e["search_params"].items()) or "-"
                 lines.append(f"{label:<{w}}{qname:<8}{name[:21]:<22}{e['build_seconds']:>9.1f}{e['index_bytes'] / 1e6:>9.1f}"
-                             f"{e['rss_peak_delta_bytes'] / 1e6:>9.1f}{params:>15}{q[f'recall@{k}']:>8.3f}"
+                             f"{e['rss_peak_delta_bytes'] / 1e6:>9.1f}{params:>22}{q[f'recall@{k}']:>8.3f}"
                              + "".join(f"{q['qps'][t]:>11.0f}{q['qps_ratio_vs_torch_topk'][t]:>9.2f}" for t in tcols))
     return "\n".join(lines)
-
-
-def machine_info(threads: int) -> dict:
-    import faiss
-    import torch
-
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M) \
-        if Path("/proc/cpuinfo").exists() else None
-    memory = _status_kb_meminfo()
-    return {"cpu": cpu.group(1).strip() if cpu else platform.processor(), "cpu_count": os.cpu_count(),
-            "threads_all": threads, "threads_single": 1, "memory_bytes": memory,
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "faiss": faiss.__version__, "faiss_compile": faiss.get_compile_options().strip()}
-
-
-def _status_kb_meminfo() -> Optional[int]:
-    path = Path("/proc/meminfo")
-    if not path.exists():
-        return None
-    match = re.search(r"^MemTotal:\s+(\d+) kB", path.read_text(), re.M)
-    return int(match.group(1)) * 1024 if match else None
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -478,7 +346,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default=None, help="synthetic base sizes, comma-separated (default 100000,1000000; "
                                                  f"--quick: {QUICK['sizes']})")
-    p.add_argument("--kinds", default="flat,hnsw,ivfpq", help=f"index kinds among {', '.join(KINDS)}")
+    p.add_argument("--kinds", default=None,
+                   help=f"index kinds among auto, {', '.join(KINDS[:-1])} (default {FULL_KINDS}; --quick: {QUICK['kinds']})")
+    p.add_argument("--speedup", type=float, default=10.0,
+                   help="target: queries/s at least this many times exact search's, at recall@k >= --target")
     p.add_argument("--dim", type=int, default=None, help=f"synthetic dimension (default 256; --quick: {QUICK['dim']})")
     p.add_argument("--queries", type=int, default=None,
                    help=f"queries per batch, and as many separate tuning queries (default 1000; --quick: {QUICK['queries']})")
@@ -500,7 +371,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="results/bench_index.json", help="JSON file to write")
     args = p.parse_args(argv)
 
-    defaults = QUICK if args.quick else {"sizes": "100000,1000000", "dim": 256, "queries": 1000, "centres": 1000}
+    defaults = QUICK if args.quick else {"sizes": "100000,1000000", "dim": 256, "queries": 1000, "centres": 1000,
+                                         "kinds": FULL_KINDS}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -509,9 +381,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--sizes must be comma-separated integers, got '{args.sizes}'")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = [k for k in args.kinds if k not in KINDS]
+    unknown = [k for k in args.kinds if k not in ("auto",) + KINDS[:-1]]
     if unknown:
-        p.error(f"--kinds: unknown kind {', '.join(unknown)}; use {', '.join(KINDS)}")
+        p.error(f"--kinds: unknown kind {', '.join(unknown)}; use auto, {', '.join(KINDS[:-1])} "
+                f"(ivf-ondisk: tools/bench_index_ondisk.py)")
     for name in ("dim", "queries", "centres", "k", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -538,14 +411,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(args.threads),
         "settings": {"sizes": args.sizes, "kinds": args.kinds, "dim": args.dim, "queries": args.queries, "k": args.k,
-                     "target_recall": args.target, "memory_budget": args.memory_budget, "seed": args.seed,
+                     "target_recall": args.target, "target_speedup": args.speedup,
+                     "memory_budget": args.memory_budget, "seed": args.seed,
                      "hnsw_limit_minutes": args.hnsw_limit_minutes, "thread_counts": args.thread_counts,
                      "quick": args.quick},
         "notes": [
             "build_seconds: train + add with all threads; the torch.topk reference needs no build (0 s) and holds "
             "the raw vectors (index_bytes = n * dim * 4)",
             "qps: one batch of all queries, best of up to 10 runs (until 1 s has passed); qps_ratio_vs_torch_topk = "
-            "index qps / torch.topk qps at the same thread count",
+            "index qps / torch.topk qps at the same thread count; qps_ratio_vs_flat: over faiss flat's (exact); "
+            "meets_target: recall@k >= target_recall at >= target_speedup x the faster exact search's qps",
+            "auto: the kind `vlp index build --kind auto` picks for this size and memory budget (its 'chosen')",
             "recall@k: against exact inner-product search, on queries not used for tuning; search_params tuned "
             f"(tune_search_params, target {args.target}) on a separate, equally large set of queries",
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}: torch and faiss load separate OpenMP runtimes; "

@@ -73,7 +73,12 @@ def run(args) -> int:
     print(format_retrieval_table(metrics))
     print(f"\nwritten: {out}")
     if not args.no_index:
-        demo_index(model, str(result.final_dir), Path(cfg.train.output_dir) / "index", args.query, cfg.data)
+        index_dir = Path(cfg.train.output_dir) / "index"
+        demo_index(model, str(result.final_dir), index_dir, args.query, cfg.data)
+        import shlex
+
+        served = shlex.quote(f"{Path(cfg.train.output_dir).name}={index_dir}")
+        print(f"\nsearch it in a browser: vlp index serve {served}   (then open http://127.0.0.1:8000/)")
     return 0
 
 

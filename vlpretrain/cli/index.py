@@ -1,4 +1,4 @@
-"""``vlp index build | add | query | info``: FAISS indexes over embedding exports, and searching them."""
+"""``vlp index build | add | query | info | serve``: FAISS indexes over embedding exports, and searching them."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def add_parser(commands) -> None:
                     "  vlp index build --model runs/demo/final --data emoji:test --out indexes/emoji\n"
                     "  vlp index build --model runs/demo/final --data shards/cc3m --out indexes/cc3m\n\n"
                     "--kind auto is exact (flat) below a million vectors that fit the memory budget, else\n"
-                    "HNSW when the vectors and graph fit, else IVF-PQ. Approximate indexes are trained on a\n"
+                    "IVF-SQ8; embeddings larger than the budget are indexed shard by shard with the inverted\n"
+                    "lists on disk (ivf-ondisk). Approximate indexes are trained on a\n"
                     "seeded sample, nprobe / efSearch are tuned to recall@10 >= 0.95, and recall@10 against\n"
                     "exact search is measured on up to 1000 held-out image and 1000 text queries; a warning\n"
                     "is given when cross-modal queries lose recall. With --model and --data the embeddings\n"
@@ -40,13 +41,16 @@ def add_parser(commands) -> None:
     add_corpus_options(b, data_help="the corpus to embed with --model (" + CORPUS_HELP + ")", required=False,
                        columns=False)
     b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
-    b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
-                   help="index kind (default: auto, chosen from size and memory budget)")
+    b.add_argument("--kind", default="auto",
+                   choices=["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpq-refine", "ivfsq8", "ivf-ondisk"],
+                   help="index kind (default: auto, chosen from size and memory budget: flat below 1M vectors, "
+                        "ivfpq-refine (IVF-PQ re-scored with float16 vectors) above, ivf-ondisk (built shard by "
+                        "shard, lists on disk) when the vectors do not fit the budget)")
     b.add_argument("--memory-budget", default="4GB",
                    help="memory the index may take, e.g. 4GB, 512MB, 2GiB (default: 4GB)")
-    b.add_argument("--modality", default="image", choices=["image", "text"],
-                   help="what the index holds: image embeddings (search images by text or image) or caption "
-                        "embeddings (default: image)")
+    b.add_argument("--modality", default="image", choices=["image", "text", "both"],
+                   help="what the index holds: image embeddings (search images by text or image), caption "
+                        "embeddings, or both: a joint index OUT/joint.json + OUT/image/ + OUT/text/ (default: image)")
     b.add_argument("--seed", type=int, default=0, help="seed of training sample and recall queries (default: 0)")
     add_batch_options(b, workers=0, what="with --model")
     add_progress_option(b)
@@ -78,6 +82,8 @@ def add_parser(commands) -> None:
                    help="how --rerank sorts: itm = by the match probability (ALBEF); itm+itc = by the match "
                         "probability times the contrastive softmax, so a head near its prior keeps the "
                         "embedding order (default: itm)")
+    q.add_argument("--part", choices=("image", "text"), default="image",
+                   help="which part of a joint index to search: image (find images) or text (find captions)")
     q.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     q.set_defaults(run=run_query)
 
@@ -86,6 +92,26 @@ def add_parser(commands) -> None:
     i.add_argument("index", metavar="INDEX_DIR")
     i.add_argument("--json", action="store_true", help="print info.json as it is")
     i.set_defaults(run=run_info)
+
+    s = actions.add_parser(
+        "serve", help="serve indexes over HTTP: a JSON search API and a web page",
+        description="Serve INDEX folders (NAME=PATH names one; a joint index serves NAME/image and NAME/text) "
+                    "with uvicorn: POST /search, GET /image/{index}/{id}, GET /indexes, GET /health, the API docs at "
+                    "/docs and a search page at /. Binds 127.0.0.1 unless --host says otherwise; any other address "
+                    "needs --api-key (or VLP_API_KEY). Needs the serve extra: pip install 'vlpretrain[serve]'.")
+    s.add_argument("indexes", nargs="+", metavar="INDEX", help="index folder, or NAME=INDEX_DIR")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", default=None, help="key that /search, /indexes and /image require (X-API-Key "
+                                                   "header); required when --host is not a loopback address")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body, e.g. an uploaded "
+                                                                     "image, in MB (default: 10; above it: 413)")
+    s.add_argument("--max-k", type=int, default=100, help="largest k and rerank a query may ask for (default: 100)")
+    add_model_option(s, required=False, help="model that embeds the queries of every index (default: the model "
+                                             "spec each index stores; give it when that model has moved)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level; info logs every request (default: info)")
+    s.set_defaults(run=run_serve)
 
 
 def _print_warnings(info: dict) -> None:
@@ -118,8 +144,13 @@ def run_build(args) -> int:
         raise ValueError("nothing to index: give embedding folders (EMB_DIR), or --model and --data to embed first")
     options = dict(kind=args.kind, memory_budget=args.memory_budget, modality=args.modality, seed=args.seed,
                    progress=not args.no_progress)
+    builder = RetrievalIndex
+    if args.modality == "both":
+        from ..retrieval.joint_index import JointIndex as builder
+
+        options.pop("modality")
     if args.embeddings:
-        index = RetrievalIndex.build(args.embeddings, args.out, **options)
+        index = builder.build(args.embeddings, args.out, **options)
     else:
         from ..models import load_model
         from ..retrieval.faiss_index import parse_memory
@@ -129,11 +160,12 @@ def run_build(args) -> int:
         data = corpus_config(args)
         corpus = open_named_corpus(args.data, data, args.split)
         model = load_model(args.model)
-        index = RetrievalIndex.build_from_corpus(model, corpus, args.out, spec=str(args.model),
+        index = builder.build_from_corpus(model, corpus, args.out, spec=str(args.model),
                                                  data_spec=data_spec(args.data, args.split, data),
                                                  batch_size=args.batch_size, num_workers=args.num_workers, **options)
-    print(_summary(index))
-    _print_warnings(index.info)
+    for part in getattr(index, "parts", {"": index}).values():
+        print(_summary(part))
+        _print_warnings(part.info)
     return 0
 
 
@@ -150,8 +182,6 @@ def run_add(args) -> int:
 
 
 def run_query(args) -> int:
-    from ..retrieval.index import RetrievalIndex
-
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     if args.rerank is not None and args.rerank < 1:
@@ -160,7 +190,11 @@ def run_query(args) -> int:
         from ..retrieval.index_search import check_query_texts
 
         check_query_texts([args.text], where="--text")  # before loading the index and its model
-    index = RetrievalIndex.load(args.index, model_spec=args.model)
+    from ..retrieval.joint_index import is_joint, open_index
+
+    index = open_index(args.index, model_spec=args.model)
+    if is_joint(args.index):
+        index = index.parts[args.part]
     if args.text is not None:
         hits = index.search(texts=[args.text], k=args.k, rerank=args.rerank,
                             rerank_score=args.rerank_score)[0]
@@ -193,8 +227,15 @@ def run_info(args) -> int:
     from pathlib import Path
 
     from ..retrieval.index_files import INDEX_NAME, read_info
+    from ..retrieval.joint_index import PARTS, is_joint
 
     path = Path(args.index)
+    if is_joint(path):  # a joint index: each part as an index of its own
+        for part in PARTS:
+            if not args.json:
+                print(f"[{part}]")
+            run_info(argparse.Namespace(index=str(path / part), json=args.json))
+        return 0
     info = read_info(path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -226,4 +267,12 @@ def run_info(args) -> int:
     print(f"{'warnings:':<{width}} {'none' if not warnings else ''}".rstrip())
     for warning in warnings:
         print(f"  - {warning}")
+    return 0
+
+
+def run_serve(args) -> int:
+    from ..serve import serve
+
+    serve(args.indexes, host=args.host, port=args.port, api_key=args.api_key, max_upload_mb=args.max_upload_mb,
+          max_k=args.max_k, model=args.model, log_level=args.log_level)
     return 0

@@ -10,6 +10,8 @@ Example:
 from .embedding_set import EmbeddingSet
 from .embeddings import export_embeddings
 from .index import RetrievalIndex
+from .joint_index import JointIndex, open_index
 from .signature import PROBE_TEXTS, check_same_model, model_signature
 
-__all__ = ["RetrievalIndex", "EmbeddingSet", "export_embeddings", "model_signature", "check_same_model", "PROBE_TEXTS"]
+__all__ = ["RetrievalIndex", "JointIndex", "open_index", "EmbeddingSet", "export_embeddings", "model_signature",
+           "check_same_model", "PROBE_TEXTS"]

@@ -23,8 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ..io import folder_lock, replace_folder, temp_folder_beside
-from .faiss_index import KINDS, add_vectors, build_faiss_index, choose_kind, factory_string, index_kind, parse_memory
-from .faiss_index import set_search_params
+from .faiss_index import KINDS, add_vectors, choose_kind, index_kind, parse_memory, set_search_params
 from .index_files import (
     BUSY_ADVICE,
     EMBEDDINGS_NAME,
@@ -37,19 +36,12 @@ from .index_files import (
     remove_stale_temp_folders,
     write_index_folder,
 )
-from .index_recall import (
-    MEASURE_QUERIES,
-    TUNE_QUERIES,
-    measure,
-    other_modality,
-    query_ids,
-    recall_warnings,
-    sample_other,
-    split_other,
-    tune,
-)
+from .index_recall import (MEASURE_QUERIES, TUNE_QUERIES, measure, other_modality, query_ids, recall_warnings,
+                           sample_other, split_other)
 from .index_search import check_rerank, encode_queries, make_hits, rerank_hits
 from .index_sources import EmbeddingsLike, check_same_signature, collect, open_sets
+from .index_build import build_in_memory
+from .ondisk import listed_count, write_ondisk_folder
 
 __all__ = ["RetrievalIndex", "read_info"]
 
@@ -78,7 +70,7 @@ class RetrievalIndex:
                  model_spec: Optional[str] = None):
         self.path = Path(path)
         self.index = index
-        self.meta = meta
+        self._meta = meta  # None: read from meta.parquet when first needed (on-disk indexes)
         self.info = info
         self._model = model
         self._model_spec = model_spec
@@ -87,6 +79,19 @@ class RetrievalIndex:
     def __repr__(self) -> str:
         return (f"RetrievalIndex({str(self.path)!r}, kind={self.info.get('kind')!r}, ntotal={self.ntotal}, "
                 f"dim={self.dim})")
+
+    @property
+    def meta(self):
+        """meta.parquet as a DataFrame, one row per vector in id order."""
+        if self._meta is None:
+            import pandas as pd
+
+            self._meta = pd.read_parquet(self.path / META_NAME)
+        return self._meta
+
+    @meta.setter
+    def meta(self, value) -> None:
+        self._meta = value
 
     @property
     def ntotal(self) -> int:
@@ -105,7 +110,8 @@ class RetrievalIndex:
         """Build an index of ``modality`` embeddings from one or more embedding folders into ``out``.
 
         ``kind="auto"`` picks flat (exact) below a million vectors when they fit ``memory_budget``,
-        else HNSW, else IVF-PQ (see :func:`faiss_index.choose_kind`). Approximate kinds are trained
+        else IVF-SQ8, and ivf-ondisk (built shard by shard, see :mod:`.ondisk`) when the vectors do
+        not fit the budget (see :func:`faiss_index.choose_kind`). Approximate kinds are trained
         on a seeded sample, their nprobe / efSearch tuned to recall@10 >= 0.95 for both query
         modalities, and recall@10 against exact search is measured on up to 1000 held-out queries of
         each modality (image embeddings and caption embeddings) and written to info.json, with a
@@ -147,47 +153,28 @@ class RetrievalIndex:
                 raise ValueError(f"{emb.path} holds no {modality} embeddings (exported with modalities "
                                  f"{emb.manifest.get('modalities')}): export them, or build with --modality "
                                  f"{other_modality(modality)}")
-        base, meta, skipped = collect(sets, modality, 0, 0)
-        n, dim = base.shape
-        if n == 0:
-            raise ValueError(f"{', '.join(str(e.path) for e in sets)}: no {modality} embeddings to index "
-                             f"(all {skipped} images were undecodable)")
-        chosen = choose_kind(n, dim, budget) if kind == "auto" else kind
-        rng = np.random.default_rng(seed)
-        measure_ids, tune_ids = query_ids(n, rng)
-        other = sample_other(sets, other_modality(modality), MEASURE_QUERIES + TUNE_QUERIES, rng)
-        index = build_faiss_index(base, chosen, memory_budget=budget, seed=seed, progress=progress,
-                                  holdout=np.union1d(measure_ids, tune_ids))
-        warnings: list[str] = []
-        if chosen == "flat":
-            params: dict[str, int] = {}
-            recall = {f"{modality}_queries": 1.0, f"{other_modality(modality)}_queries": 1.0 if len(other) else None,
-                      "num_queries": 0, "exact": True}
+        listed = sum(listed_count(emb, modality) for emb in sets)
+        chosen = choose_kind(listed, int(sets[0].dim), budget) if kind == "auto" else kind
+        info = {"format": FORMAT, "signature": signature, "dim": int(sets[0].dim), "modality": modality, "kind": chosen,
+                "memory_budget": budget, "index_bytes": 0, "index_sha256": "", "build_seconds": 0.0, "warnings": [],
+                "sources": sources if sources is not None else [str(Path(e.path).resolve()) for e in sets],
+                "seed": int(seed), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        built: dict[str, Any] = {"meta": None}
+        if chosen == "ivf-ondisk":
+            def write(tmp: Path) -> dict[str, Any]:  # built inside the temp folder: its files are the index
+                built["index"], done = write_ondisk_folder(sets, tmp, info, start=start, progress=progress)
+                return done
         else:
-            other_measure, other_tune = split_other(other)
-            params = tune(index, base, [base[tune_ids], other_tune])
-            recall = measure(index, base, base[measure_ids], other_measure, modality)
-            warnings += recall_warnings(recall, modality, chosen)
-        if not len(other):
-            warnings.append(f"no {other_modality(modality)} embeddings in the sources: {other_modality(modality)}-query recall "
-                            f"was not measured")
-        recall = {"image_queries": recall.get("image_queries"), "text_queries": recall.get("text_queries"),
-                  "num_queries": recall["num_queries"], "exact": recall["exact"]}
-        info = {
-            "format": FORMAT, "signature": signature, "dim": int(dim), "modality": modality, "kind": chosen,
-            "factory": factory_string(chosen, n, dim, budget), "ntotal": int(index.ntotal), "search_params": params,
-            "memory_budget": budget, "index_bytes": 0, "index_sha256": "", "build_seconds": 0.0,
-            "recall@10": recall, "warnings": warnings,
-            "sources": sources if sources is not None else [str(Path(e.path).resolve()) for e in sets],
-            "seed": int(seed), "skipped_bad_images": int(skipped),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+            built["index"], built["meta"], info = build_in_memory(sets, info, budget, progress)
+
+            def write(tmp: Path) -> dict[str, Any]:
+                return write_index_folder(tmp, built["index"], built["meta"], dict(
+                    info, build_seconds=round(time.time() - start, 3)))
         tmp = temp_folder_beside(out)
         try:
             if move_in is not None:
                 os.replace(move_in, tmp / EMBEDDINGS_NAME)
-            info["build_seconds"] = round(time.time() - start, 3)
-            info = write_index_folder(tmp, index, meta, info)
+            info = write(tmp)
             replace_folder(tmp, out)
         except BaseException:
             if move_in is not None and (tmp / EMBEDDINGS_NAME).is_dir() and not move_in.exists():
@@ -195,7 +182,7 @@ class RetrievalIndex:
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return cls(out, index, meta, info)
+        return cls(out, built["index"], built["meta"], info)
 
     @classmethod
     def build_from_corpus(cls, model, corpus, out: Union[str, os.PathLike], *, spec: Optional[str] = None,
@@ -245,6 +232,7 @@ class RetrievalIndex:
             >>> index = RetrievalIndex.load("indexes/pairs", model_spec="runs/demo-emoji/final")
         """
         import pandas as pd
+        import pyarrow.parquet as pq
 
         path = Path(path)
         info = read_info(path)
@@ -253,9 +241,11 @@ class RetrievalIndex:
         meta_path = path / META_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: rebuild the index with `vlp index build`")
-        meta = pd.read_parquet(meta_path)
-        if len(meta) != index.ntotal:
-            raise ValueError(f"{meta_path} has {len(meta)} rows but the index holds {index.ntotal} vectors: "
+        # An on-disk index can hold more rows than memory: its metadata is read when first searched.
+        meta = None if info.get("kind") == "ivf-ondisk" else pd.read_parquet(meta_path)
+        rows = pq.read_metadata(meta_path).num_rows if meta is None else len(meta)
+        if rows != index.ntotal:
+            raise ValueError(f"{meta_path} has {rows} rows but the index holds {index.ntotal} vectors: "
                              f"rebuild it with `vlp index build`")
         loaded = cls(path, index, meta, info, model=model, model_spec=model_spec)
         if model is not None:
@@ -277,6 +267,9 @@ class RetrievalIndex:
             >>> RetrievalIndex.load("indexes/pairs").add("emb/more-pairs").ntotal
             1500
         """
+        if self.info.get("kind") == "ivf-ondisk":
+            raise ValueError(f"{self.path} is an on-disk index (ivf-ondisk): vectors cannot be added to it; rebuild "
+                             f"it with `vlp index build` over all the embedding folders")
         with folder_lock(self.path, "wait for it to finish, then add again"):
             on_disk = read_info(self.path)
             if any(on_disk.get(key) != self.info.get(key) for key in ("index_sha256", "created", "ntotal")):
@@ -394,7 +387,7 @@ class RetrievalIndex:
     # ------------------------------------------------------------------ search
 
     def _get_model(self):
-        from .signature import check_same_model
+        from .signature import check_model_present, check_same_model
 
         if self._model is None:
             from ..models import load_model
@@ -403,6 +396,8 @@ class RetrievalIndex:
             if not spec:
                 raise ValueError(f"{self.path} does not name the model it was built with: pass --model "
                                  f"(or model= / model_spec=) to embed queries")
+            if not self._model_spec:
+                check_model_present(spec, str(self.path))
             self._model, self._model_spec = load_model(spec), str(spec)
         if not self._model_checked:
             check_same_model(self.info["signature"], self._model, str(self.path), self._model_spec)

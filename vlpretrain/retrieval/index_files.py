@@ -25,7 +25,8 @@ import numpy as np
 
 from ..io import check_replaceable, old_sibling, read_manifest, write_json
 
-__all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "EMBEDDINGS_NAME", "BUSY_ADVICE", "sha256_file",
+__all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "JOINT_NAME", "EMBEDDINGS_NAME", "finish_index_folder",
+           "BUSY_ADVICE", "sha256_file",
            "link_or_copy", "check_destination", "remove_stale_temp_folders", "write_index_folder", "read_info",
            "read_faiss"]
 
@@ -33,6 +34,7 @@ FORMAT = "vlpretrain-index-v1"
 INDEX_NAME = "index.faiss"
 META_NAME = "meta.parquet"
 INFO_NAME = "info.json"
+JOINT_NAME = "joint.json"  # marks a joint index folder: image/ and text/ index folders of one corpus
 EMBEDDINGS_NAME = "embeddings"  # embeddings exported by build_from_corpus live inside the index folder
 BUSY_ADVICE = "wait for it, or choose another --out"  # what io.folder_lock tells a second writer
 
@@ -62,7 +64,7 @@ def check_destination(out: Path) -> None:
         >>> check_destination(Path("notes.txt"))
         ValueError: --out notes.txt: exists and is not a folder; choose another --out, or delete it to build there
     """
-    check_replaceable(out, [INFO_NAME], f"vlpretrain index folder (it has no {INFO_NAME})",
+    check_replaceable(out, [INFO_NAME, JOINT_NAME], f"vlpretrain index folder (it has no {INFO_NAME})",
                       "choose another --out, or delete it to build there", name=f"--out {out}")
 
 
@@ -94,6 +96,11 @@ def write_index_folder(tmp: Path, index, meta, info: dict[str, Any]) -> dict[str
 
     faiss.write_index(index, str(tmp / INDEX_NAME))
     meta.to_parquet(tmp / META_NAME, index=False)
+    return finish_index_folder(tmp, info)
+
+
+def finish_index_folder(tmp: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Record the size and SHA-256 of ``tmp/index.faiss`` in ``info`` and write info.json (last)."""
     size = (tmp / INDEX_NAME).stat().st_size
     info = dict(info, index_bytes=size, index_sha256=sha256_file(tmp / INDEX_NAME))
     warnings = [w for w in info.get("warnings", []) if not w.startswith(f"{INDEX_NAME} is ")]
@@ -120,6 +127,9 @@ def read_info(path: Union[str, os.PathLike]) -> dict[str, Any]:
                                     f"interrupted write moved aside: rename it back to {path}")
         raise FileNotFoundError(f"{path}: no such index folder (make one with `vlp index build`)")
     info_path = path / INFO_NAME
+    if not info_path.is_file() and (path / JOINT_NAME).is_file():
+        raise FileNotFoundError(f"{path} is a joint index: open {path / 'image'} or {path / 'text'}, or load it with "
+                                f"vlpretrain.retrieval.joint_index.JointIndex.load")
     if not info_path.is_file():
         raise FileNotFoundError(f"{path} has no {INFO_NAME}: not a finished index; rebuild it with `vlp index build`")
     return read_manifest(info_path, FORMAT, "rebuild it with `vlp index build`")
@@ -145,6 +155,10 @@ def read_faiss(path: Path, info: dict[str, Any]):
     data = index_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != info.get("index_sha256"):
         raise ValueError(corrupt)
+    if info.get("kind") == "ivf-ondisk":
+        from .ondisk import read_ondisk
+
+        return read_ondisk(path, info)
     try:
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError:

@@ -8,13 +8,16 @@ same way (cosine >= ``PROBE_MIN_COSINE``, which tolerates bf16 / device noise) i
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..inference import encode_texts
 
-__all__ = ["model_signature", "check_same_model", "signature_cosine", "PROBE_TEXTS", "PROBE_MIN_COSINE"]
+__all__ = ["model_signature", "stored_spec", "check_model_present", "check_same_model", "signature_cosine",
+           "PROBE_TEXTS", "PROBE_MIN_COSINE"]
 
 PROBE_TEXTS = ("a photo of a dog", "red heart", "grinning face", "a map of the world", "flag: france")
 PROBE_MIN_COSINE = 0.99
@@ -22,6 +25,49 @@ PROBE_MIN_COSINE = 0.99
 
 def _probe_embeddings(model) -> torch.Tensor:
     return encode_texts(model, list(PROBE_TEXTS))
+
+
+LOCAL_PREFIXES = ("hf:", "local-dir:")  # specs whose rest may be a local folder
+
+
+def _local_part(spec: str) -> tuple[str, str]:
+    """(prefix, path) of a spec naming a local file or folder: ``("", "runs/x")`` or ``("hf:", "/m/bert")``."""
+    for prefix in LOCAL_PREFIXES:
+        if spec.startswith(prefix):
+            return prefix, spec[len(prefix):]
+    return "", ("" if ":" in spec.split("/")[0] else spec)  # open_clip:ARCH/TAG names no local path
+
+
+def stored_spec(spec: Optional[str]) -> Optional[str]:
+    """The spec to store with embeddings and indexes: a local path made absolute (so queries work from
+    any folder), anything else (``open_clip:ViT-B-32/openai``, a hub id) as given.
+
+    Example:
+        >>> stored_spec("runs/demo/final"), stored_spec("open_clip:ViT-B-32/openai")
+        ('/home/me/project/runs/demo/final', 'open_clip:ViT-B-32/openai')
+    """
+    if spec is None:
+        return None
+    prefix, path = _local_part(str(spec))
+    if path and Path(path).exists():
+        return prefix + os.path.abspath(path)
+    return str(spec)
+
+
+def check_model_present(spec: str, where: str) -> None:
+    """One-line error when the stored ``spec`` of ``where`` names a local path that is no longer there.
+
+    Example:
+        >>> check_model_present("/old/runs/demo/final", "indexes/emoji")
+        FileNotFoundError: indexes/emoji was built with model /old/runs/demo/final, which is not there any more: ...
+    """
+    prefix, path = _local_part(str(spec))
+    # hf:org/name may be a hub id: only an absolute path (as stored_spec writes local folders) is local.
+    looks_local = bool(path) and (Path(path).is_absolute() or (not prefix and ("/" in path or path.endswith(
+        (".yaml", ".yml")))))
+    if looks_local and not Path(path).exists():
+        raise FileNotFoundError(f"{where} was built with model {spec}, which is not there any more: pass --model "
+                                f"with its new location (or model_spec= in Python)")
 
 
 def model_signature(model, spec: Optional[str] = None) -> dict[str, Any]:
@@ -33,7 +79,7 @@ def model_signature(model, spec: Optional[str] = None) -> dict[str, Any]:
         256
     """
     return {
-        "model": None if spec is None else str(spec),
+        "model": stored_spec(spec),
         "dim": int(model.embed_dim),
         "probe_texts": list(PROBE_TEXTS),
         "probe_embeddings": [[round(float(v), 6) for v in row] for row in _probe_embeddings(model)],

@@ -1,0 +1,122 @@
+"""Indexes larger than memory: an IVF-SQ8 index built shard by shard with its lists merged on disk equals an
+in-memory build with the same trained quantizer, reads back from its own files, and searches by id and meta."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """faiss's and torch's OpenMP runtimes spin against each other on a few cores: one faiss thread is
+    many times faster at these sizes."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+from test_index import synthetic, write_embedding_folder  # noqa: E402
+from vlpretrain.retrieval.faiss_index import exact_search  # noqa: E402
+from vlpretrain.retrieval.index import RetrievalIndex  # noqa: E402
+from vlpretrain.retrieval.index_files import INDEX_NAME  # noqa: E402
+from vlpretrain.retrieval.ondisk import ONDISK_NAME, TopK  # noqa: E402
+
+DIM = 16
+SIGNATURE = {"model": None, "dim": DIM}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Two embedding folders of 1500 rows each in shards of 400 (8 shards); rows 3 and 900 undecodable."""
+    root = tmp_path_factory.mktemp("ondisk")
+    images, texts = synthetic(3000, DIM, seed=3)
+    ok = np.ones(3000, bool)
+    ok[[3, 900]] = False
+    folders = [write_embedding_folder(root / f"part{i}", images[i * 1500:(i + 1) * 1500],
+                                      texts[i * 3000:(i + 1) * 3000], SIGNATURE, shard_size=400,
+                                      ok=ok[i * 1500:(i + 1) * 1500], first_row=i * 1500) for i in range(2)]
+    return root, folders, images, ok
+
+
+def test_topk_over_chunks_equals_exact_search():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(1000, 8)).astype(np.float32)
+    queries = rng.normal(size=(20, 8)).astype(np.float32)
+    top = TopK(queries, 10)
+    for lo in range(0, 1000, 130):
+        top.update(base[lo:lo + 130], lo)
+    scores, ids = exact_search(base, queries, 10)
+    assert (top.ids == ids).all() and np.allclose(top.scores, scores)
+
+
+def test_ondisk_build_equals_in_memory_ivf(parts):
+    root, folders, images, ok = parts
+    out = root / "index"
+    # 192 KB of raw vectors against a 100 KB budget: auto builds on disk, in several blocks.
+    built = RetrievalIndex.build(folders, out, memory_budget="100KB", progress=False)
+    info = built.info
+    assert info["kind"] == "ivf-ondisk" and info["factory"] == "IVF10,SQ8" and info["ntotal"] == 2998
+    assert info["build_plan"]["blocks"] >= 2 and info["skipped_bad_images"] == 2
+    assert (out / ONDISK_NAME).stat().st_size == info["ondisk_bytes"]
+    assert 0.9 <= info["recall@10"]["image_queries"] <= 1 and info["recall@10"]["text_queries"] is not None
+
+    # The files are what faiss reads back, from a moved folder too: lists on disk, beside index.faiss.
+    moved = root / "moved"
+    shutil.move(str(out), str(moved))
+    loaded = RetrievalIndex.load(moved)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.filename == str(moved / ONDISK_NAME)
+    assert loaded.index.ntotal == 2998 and loaded.info["search_params"] == info["search_params"]
+
+    # The same trained quantizer and codes, filled in memory with the kept vectors in id order.
+    kept = images[ok]
+    memory = faiss.read_index(str(moved / INDEX_NAME), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    ivf = faiss.extract_index_ivf(memory)
+    in_memory = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(in_memory, True)
+    in_memory.this.disown()  # the index owns the lists now
+    ivf.ntotal = memory.ntotal = 0
+    memory.add(kept)
+    queries = kept[::37]
+    for nprobe in (1, 3, 10):
+        ivf.nprobe = faiss.extract_index_ivf(loaded.index).nprobe = nprobe
+        d_disk, i_disk = loaded.index.search(queries, 10)
+        d_mem, i_mem = memory.search(queries, 10)
+        assert (i_disk == i_mem).all() and (d_disk == d_mem).all()
+
+    # Hits carry the meta rows of their ids (read when first needed), undecodable rows left out.
+    assert loaded._meta is None
+    hits = loaded.search(vectors=kept[[0, 2500]], k=1)
+    kept_rows = np.flatnonzero(ok)
+    assert [h[0]["image"] for h in hits] == [f"/data/img{kept_rows[0]}.png", f"/data/img{kept_rows[2500]}.png"]
+    assert list(loaded.meta["id"]) == list(range(2998)) and list(loaded.meta["source"][[0, 2997]]) == [0, 1]
+    with pytest.raises(ValueError, match="is an on-disk index"):
+        loaded.add(folders[0], progress=False)
+
+
+def test_ondisk_text_index_matches_exact_on_probed_lists(parts):
+    root, folders, _, _ = parts
+    built = RetrievalIndex.build(folders[:1], root / "text", kind="ivf-ondisk", modality="text",
+                                 memory_budget="100KB", progress=False)
+    meta = pd.read_parquet(root / "text" / "meta.parquet")
+    assert built.ntotal == len(meta) == 3000 and meta["caption"][1] == "caption 0 b"
+    # All lists probed: exact search over the 8-bit codes, which keeps the exact top hit.
+    faiss.extract_index_ivf(built.index).nprobe = faiss.extract_index_ivf(built.index).nlist
+    _, texts = synthetic(3000, DIM, seed=3)
+    _, ids = built.index.search(texts[:50], 1)
+    assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
+    del built
+    data = root / "text" / ONDISK_NAME
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size - 16)
+    with pytest.raises(ValueError) as error:
+        RetrievalIndex.load(root / "text")
+    assert str(error.value) == (f"{data} is missing, truncated or corrupt ({size - 16} bytes, expected {size}): "
+                                f"rebuild it with `vlp index build`")
