@@ -193,7 +193,7 @@ def test_cli_end_to_end_writes_clip_benchmark_json(tmp_path, checkpoint):
                "--batch-size", "64", "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report) == CLIP_BENCHMARK_KEYS
+    assert set(report) == CLIP_BENCHMARK_KEYS | {"precision"} and report["precision"] == "fp32"  # ours, stated
     assert (report["dataset"], report["model"], report["pretrained"], report["task"], report["language"]) == (
         "multi", str(checkpoint), "", "zeroshot_retrieval", "en")
 

@@ -11,7 +11,8 @@ index search and the trainer's validation all encode through here, so each rule 
   undecodable images either raise :class:`~vlpretrain.data.images.BadImageError` naming the file
   (``on_bad_image="raise"``) or become zero rows flagged in ``ok`` and counted
   (``on_bad_image="zero"``), so captions stay aligned with their images;
-- long jobs show a progress bar.
+- long jobs show a progress bar;
+- forwards run in the precision :func:`inference_precision` sets (fp32 unless a command asks for bf16 / fp16).
 
 Example:
     >>> from vlpretrain.inference import encode_images, encode_texts
@@ -31,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .inference_precision import PRECISIONS, current_precision, inference_precision, precision_autocast
 from .progress import progress_bar
 
 __all__ = [
     "eval_mode", "encode_images", "encode_texts", "encode_image_rows", "encode_corpus", "image_feature_batches",
     "ImageItems", "collate_images", "load_image", "EncodedImages",
     "itm_pair_scores", "itm_rerank", "combined_scores", "model_logit_scale", "corpus_image_loader",
-    "RERANK_SCORES", "BAD_IMAGE_SCORE",
+    "RERANK_SCORES", "BAD_IMAGE_SCORE", "PRECISIONS", "inference_precision", "current_precision",
 ]
 
 ImagesLike = Union[torch.Tensor, Any, Sequence[Any], Iterable[Any]]
@@ -55,7 +57,8 @@ RERANK_SCORES = ("itm", "itm+itc")
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode (no dropout, frozen batch-norm statistics) and no gradients; the caller's mode back after.
+    """Eval mode (no dropout, frozen batch-norm statistics), no gradients and the :func:`inference_precision`
+    in force; the caller's mode back after.
 
     Example:
         >>> with eval_mode(model):
@@ -66,7 +69,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision_autocast(model):
             yield model
     finally:
         model.train(was_training)

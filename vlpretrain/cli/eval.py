@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
+from .eval_run import add_parsers as add_run_and_build, add_precision_option, add_recall_k_option, in_precision
 from .options import (
     add_batch_options,
     add_corpus_options,
@@ -46,10 +48,14 @@ def add_parser(commands) -> None:
     z.add_argument("--num-workers", type=int, default=0,
                    help="image decoding processes for WebDataset shards (default: 0, decode in the main one)")
     z.add_argument("--data", required=True, help="the labelled images (see above)")
-    z.add_argument("--templates", default="openai_imagenet",
+    z.add_argument("--templates", default=None,
                    help="a set (openai_imagenet, openai_imagenet_7, simple), a .json / .txt file, or a template like "
-                        "'an emoji of {c}.' (default: openai_imagenet)")
+                        "'an emoji of {c}.' (default: a wds: folder's own templates, else openai_imagenet)")
     z.add_argument("--confusion-png", default=None, help="also draw the confusion matrix into this PNG")
+    z.add_argument("--save-clf", default=None, metavar="FILE",
+                   help="save the zero-shot class weights (safetensors, with the class names and the model's signature)")
+    z.add_argument("--load-clf", default=None, metavar="FILE",
+                   help="use saved class weights instead of encoding the prompts (same model and class names only)")
     z.set_defaults(run=run_zeroshot)
 
     t = tasks.add_parser("retrieval", help="zero-shot image-text retrieval (Recall@1/5/10 both ways)",
@@ -69,18 +75,11 @@ def add_parser(commands) -> None:
                         "ALBEF evaluates) and itm_itc_reranked_* (match probability times the contrastive "
                         "softmax) (models trained with fusion heads only)")
     t.add_argument("--output", default=None, help="JSON file to write (default: print only)")
+    add_recall_k_option(t)
     add_progress_option(t)
     t.set_defaults(run=run_retrieval)
 
-    r = tasks.add_parser("run", help="run an evaluation suite (eval/suites/*.yaml)",
-                         description="Run every task of a suite YAML; writes one JSON per task, summary.md and "
-                                     "summary.csv into --out. Optional tasks whose data is not installed are skipped "
-                                     "with the reason.")
-    r.add_argument("suite", help="suite YAML, e.g. eval/suites/demo.yaml")
-    add_model_option(r)
-    r.add_argument("--out", default=None, help="output folder (default: results/eval/<suite>/<model folder name>)")
-    add_progress_option(r)
-    r.set_defaults(run=run_suite)
+    add_run_and_build(tasks)
 
     b = tasks.add_parser("bias", help="bias probes: association, harmful labels, per-group gaps, retrieval skew",
                          description="Run the probes of a probe file (eval/probes/*.yaml) on a model: cross-modal "
@@ -116,6 +115,12 @@ def add_parser(commands) -> None:
         if name == "knn":
             t.add_argument("-k", type=int, default=20, help="neighbours (default: 20)")
         t.set_defaults(run=run_linear_probe if name == "linear-probe" else run_knn)
+    for name, command in tasks.choices.items():  # every eval command encodes through inference, in --precision
+        if name == "build":
+            continue
+        if "--precision" not in command._option_string_actions:
+            add_precision_option(command)
+        command.set_defaults(run=in_precision(command.get_default("run")))
 
 
 def _finish(args, result: dict) -> int:
@@ -136,18 +141,18 @@ def _finish(args, result: dict) -> int:
 
 
 def run_zeroshot(args) -> int:
-    from ..data.labelled import open_labelled_images
     from ..data.shard_format import is_shard_spec
+    from ..data.wds_benchmark import open_benchmark_images
     from ..evaluation.tasks import evaluate_zeroshot
     from ..models import load_model
 
     if is_shard_spec(args.data):
         return _finish(args, _zeroshot_shards(args))
-    data = open_labelled_images(args.data, args.label_column, args.image_column, args.split)
+    data, classnames, templates = open_benchmark_images(args.data, args.label_column, args.image_column, args.split)
     model = load_model(args.model)
-    result = evaluate_zeroshot(model, data, args.classnames, args.templates, args.batch_size,
-                               progress=not args.no_progress, model_name=str(args.model),
-                               confusion_png=args.confusion_png)
+    result = evaluate_zeroshot(model, data, args.classnames or classnames, args.templates or templates or "openai_imagenet",
+                               args.batch_size, progress=not args.no_progress, model_name=str(args.model),
+                               confusion_png=args.confusion_png, save_clf=args.save_clf, load_clf=args.load_clf)
     return _finish(args, result)
 
 
@@ -158,8 +163,9 @@ def _zeroshot_shards(args) -> dict:
 
     corpus = ShardCorpus(args.data)
     result = evaluate_zeroshot_shards(load_model(args.model), corpus, args.label_column, args.classnames,
-                                      args.templates, args.batch_size, args.num_workers, not args.no_progress,
-                                      str(args.model), _dataset_name(args.data), args.confusion_png)
+                                      args.templates or "openai_imagenet", args.batch_size, args.num_workers,
+                                      not args.no_progress, str(args.model), _dataset_name(args.data),
+                                      args.confusion_png, save_clf=args.save_clf, load_clf=args.load_clf)
     if result["skipped_samples"]:
         print(f"warning: {result['skipped_samples']} samples skipped (bad sample or undecodable image), e.g. "
               f"{result['skipped_examples'][0]}")
@@ -167,11 +173,13 @@ def _zeroshot_shards(args) -> dict:
 
 
 def _train_test(args):
-    from ..data.labelled import open_labelled_images
+    from ..data.wds_benchmark import open_benchmark_images
     from ..models import load_model
 
-    train = open_labelled_images(args.train, args.label_column, args.image_column, args.split)
-    test = open_labelled_images(args.test, args.label_column, args.image_column, args.split)
+    train_split = "train" if args.train.startswith("wds:") else args.split  # a wds folder: its train split
+    train, _, _ = open_benchmark_images(args.train, args.label_column, args.image_column, train_split)
+    test, classnames, _ = open_benchmark_images(args.test, args.label_column, args.image_column, args.split)
+    args.classnames = args.classnames or classnames
     return load_model(args.model), train, test
 
 
@@ -197,6 +205,8 @@ def _dataset_name(spec: str) -> str:
         return "emoji-" + (spec.split(":", 1)[1] or "train")
     if spec.startswith("hf:"):
         return spec[3:]
+    if spec.startswith("wds:"):
+        return re.sub(r"^wds_", "", Path(spec[4:].rstrip("/")).name)
     from ..data.shard_format import is_shard_spec
 
     if is_shard_spec(spec):
@@ -210,31 +220,33 @@ def run_retrieval(args) -> int:
     from ..evaluation.tasks import evaluate_retrieval
     from ..io import write_json
     from ..models import load_model
-    from ..data.named import open_named_corpus
+    from ..data.wds_benchmark import open_benchmark_corpus
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     data = corpus_config(args)
-    corpus = open_named_corpus(args.data, data, args.split)
+    corpus = open_benchmark_corpus(args.data, data, args.split)
     model = load_model(args.model)
+    ks = args.recall_k or (1, 5, 10)
     result = evaluate_retrieval(model, corpus, args.batch_size, progress=not args.no_progress,
                                 model_name=str(args.model), dataset_name=_dataset_name(args.data),
-                                rerank_itm=args.rerank_itm, num_workers=args.num_workers)
+                                rerank_itm=args.rerank_itm, num_workers=args.num_workers, ks=ks)
     m = result["metrics"]
+    at = "R@" + "/".join(map(str, ks))
 
     def recalls(key: str, prefix: str = "") -> str:
-        return "/".join(f"{100 * m[f'{prefix}{key}_recall@{k}']:.1f}" for k in (1, 5, 10))
+        return "/".join(f"{100 * m[f'{prefix}{key}_recall@{k}']:.1f}" for k in ks)
 
     print(f"zeroshot_retrieval on {result['dataset']} ({m['num_images']} images, {m['num_texts']} captions): "
-          f"text->image R@1/5/10 {recalls('image_retrieval')}% (chance {recalls('image_retrieval', 'chance_')}%), "
-          f"image->text R@1/5/10 {recalls('text_retrieval')}% (chance {recalls('text_retrieval', 'chance_')}%), "
+          f"text->image {at} {recalls('image_retrieval')}% (chance {recalls('image_retrieval', 'chance_')}%), "
+          f"image->text {at} {recalls('text_retrieval')}% (chance {recalls('text_retrieval', 'chance_')}%), "
           f"median rank {m['image_retrieval_median_rank']:g} / {m['text_retrieval_median_rank']:g}")
     if args.rerank_itm is not None:
-        print(f"ITM re-ranked (top {m['rerank_k']}): text->image R@1/5/10 {recalls('image_retrieval', 'itm_reranked_')}%, "
-              f"image->text R@1/5/10 {recalls('text_retrieval', 'itm_reranked_')}%")
+        print(f"ITM re-ranked (top {m['rerank_k']}): text->image {at} {recalls('image_retrieval', 'itm_reranked_')}%, "
+              f"image->text {at} {recalls('text_retrieval', 'itm_reranked_')}%")
         print(f"ITM x ITC re-ranked (top {m['rerank_k']}): "
-              f"text->image R@1/5/10 {recalls('image_retrieval', 'itm_itc_reranked_')}%, "
-              f"image->text R@1/5/10 {recalls('text_retrieval', 'itm_itc_reranked_')}%")
+              f"text->image {at} {recalls('image_retrieval', 'itm_itc_reranked_')}%, "
+              f"image->text {at} {recalls('text_retrieval', 'itm_itc_reranked_')}%")
     if "mlm_accuracy" in m:
         print(f"masked-token accuracy of the MLM head: {100 * m['mlm_accuracy']:.1f}% "
               f"({m['mlm_masked_tokens']} masked tokens)")
@@ -244,17 +256,6 @@ def run_retrieval(args) -> int:
         print(f"warning: {result['skipped_samples']} bad shard samples skipped, e.g. {result['skipped_examples'][0]}")
     if args.output:
         print(f"written: {write_json(result, args.output)}")
-    return 0
-
-
-def run_suite(args) -> int:
-    from ..evaluation.suite import run_suite as run
-    from ..models import load_model
-
-    model = load_model(args.model)
-    out = args.out or str(Path("results") / "eval" / Path(args.suite).stem / Path(str(args.model)).parent.name)
-    result = run(args.suite, model, str(args.model), out, progress=not args.no_progress)
-    print(f"written: {out}/summary.md ({len(result.results)} tasks, {len(result.skipped)} skipped)")
     return 0
 
 

@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -33,7 +33,7 @@ from ..io import write_csv, write_json, write_text
 logger = logging.getLogger(__name__)
 
 _TASK_KEYS = {"name", "task", "data", "train", "label_column", "image_column", "split", "classnames",
-              "templates", "k", "k_shot", "optional", "caption_column"}
+              "templates", "k", "k_shot", "optional", "caption_column", "recall_k"}
 
 
 @dataclass
@@ -43,7 +43,9 @@ class SuiteResult:
 
 
 def _resolve(value: Any, base: Path) -> Any:
-    """Relative file paths in a suite are relative to the suite file."""
+    """Relative file paths in a suite are relative to the suite file (also after ``wds:``)."""
+    if isinstance(value, str) and value.startswith("wds:") and (base / value[4:]).is_dir():
+        return "wds:" + str(base / value[4:])
     if isinstance(value, str) and not value.partition(":")[1] and (base / value).exists():
         return str(base / value)
     if isinstance(value, str) and value.endswith((".txt", ".json", ".csv", ".jsonl", ".parquet", ".tsv")):
@@ -73,46 +75,78 @@ def load_suite(path: Union[str, Path]) -> dict:
     return suite
 
 
+CLIP_TASK_NAMES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
+                   "linear_probe": "linear_probe", "knn": "knn"}
+
+
+def run_task(task: dict, model, model_name: str, progress: bool = True,
+             confusion_png: Optional[Union[str, Path]] = None, batch_size: int = 256,
+             recall_k: Optional[Sequence[int]] = None, save_clf: Optional[Union[str, Path]] = None,
+             load_clf: Optional[Union[str, Path]] = None) -> dict:
+    """One task of a suite (as :func:`load_suite` returns it) on ``model``: its report, not written.
+    ``recall_k`` (retrieval) overrides the task's ``recall_k`` (default 1, 5, 10); ``save_clf`` /
+    ``load_clf`` (zero-shot) save or load the class weights. A ``wds:PATH`` data set brings its own class
+    names and templates, used when the task names none.
+
+    Example:
+        >>> run_task({"name": "cifar", "task": "zeroshot", "data": "wds:/data/wds_cifar10"}, model, "demo")["metrics"]["acc1"]
+    """
+    from ..data.wds_benchmark import open_benchmark_corpus, open_benchmark_images
+    from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
+
+    name, kind = task["name"], task["task"]
+    columns = dict(label_column=task.get("label_column", "label"), image_column=task.get("image_column", "image"),
+                   split=task.get("split"))
+    if kind == "retrieval":
+        from ..config import DataConfig
+
+        data_cfg = DataConfig(image_column=columns["image_column"], caption_column=task.get("caption_column", "caption"))
+        corpus = open_benchmark_corpus(task["data"], data_cfg, columns["split"])
+        return evaluate_retrieval(model, corpus, batch_size, progress=progress, model_name=model_name,
+                                  dataset_name=task["data"], ks=tuple(recall_k or task.get("recall_k") or (1, 5, 10)))
+    if kind == "zeroshot":
+        data, classnames, templates = open_benchmark_images(task["data"], **columns)
+        return evaluate_zeroshot(model, data, task.get("classnames", classnames),
+                                 task.get("templates", templates or "openai_imagenet"), batch_size,
+                                 progress=progress, model_name=model_name, confusion_png=confusion_png,
+                                 save_clf=save_clf, load_clf=load_clf)
+    if kind in ("linear_probe", "knn"):
+        data, classnames, _ = open_benchmark_images(task["data"], **columns)
+        # A wds folder holds both splits: the probe fits on its train split (CLIP_benchmark's linear probe).
+        train_split = "train" if str(task["train"]).startswith("wds:") else columns["split"]
+        train, _, _ = open_benchmark_images(task["train"], **{**columns, "split": train_split})
+        if kind == "knn":
+            return evaluate_knn(model, train, data, task.get("classnames", classnames), k=task.get("k", 20),
+                                k_shot=task.get("k_shot"), batch_size=batch_size, progress=progress,
+                                model_name=model_name)
+        return evaluate_linear_probe(model, train, data, task.get("classnames", classnames), k_shot=task.get("k_shot"),
+                                     batch_size=batch_size, progress=progress, model_name=model_name)
+    raise ValueError(f"task '{name}': unknown task kind '{kind}' (zeroshot, linear_probe, knn, retrieval)")
+
+
+def task_line(name: str, report: dict) -> str:
+    """The one line a suite prints for a finished task."""
+    m = report["metrics"]
+    if "image_retrieval_recall@1" in m:
+        return (f"{name}: text->image R@1 {100 * m['image_retrieval_recall@1']:.1f}% "
+                f"(chance {100 * m['chance_image_retrieval_recall@1']:.1f}%), image->text R@1 "
+                f"{100 * m['text_retrieval_recall@1']:.1f}%")
+    return (f"{name}: mean per-class recall {100 * m['mean_per_class_recall']:.1f}% "
+            f"(chance {100 / m['num_classes']:.1f}%), acc1 {100 * m['acc1']:.1f}%")
+
+
 def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Union[str, Path],
               progress: bool = True) -> SuiteResult:
     """Run every task of a suite; writes ``OUT/<task>.json``, ``OUT/summary.md`` and ``OUT/summary.csv``."""
-    from ..data.labelled import open_labelled_images
     from ..data.rendered import MissingSourceError
-    from .tasks import evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
 
     suite = load_suite(suite_path)
     out_dir = Path(out_dir)
     result = SuiteResult()
     for task in suite["tasks"]:
-        name, kind = task["name"], task["task"]
-        columns = dict(label_column=task.get("label_column", "label"), image_column=task.get("image_column", "image"),
-                       split=task.get("split"))
+        name = task["name"]
         try:
-            if kind == "retrieval":
-                from ..config import DataConfig
-                from ..data.named import open_named_corpus
-
-                data_cfg = DataConfig(image_column=columns["image_column"],
-                                      caption_column=task.get("caption_column", "caption"))
-                corpus = open_named_corpus(task["data"], data_cfg, columns["split"])
-                report = evaluate_retrieval(model, corpus, progress=progress, model_name=model_name,
-                                            dataset_name=task["data"])
-            elif kind == "zeroshot":
-                data = open_labelled_images(task["data"], **columns)
-                report = evaluate_zeroshot(model, data, task.get("classnames"), task.get("templates", "openai_imagenet"),
-                                           progress=progress, model_name=model_name,
-                                           confusion_png=out_dir / f"{name}.confusion.png")
-            elif kind in ("linear_probe", "knn"):
-                data = open_labelled_images(task["data"], **columns)
-                train = open_labelled_images(task["train"], **columns)
-                if kind == "knn":
-                    report = evaluate_knn(model, train, data, task.get("classnames"), k=task.get("k", 20),
-                                          k_shot=task.get("k_shot"), progress=progress, model_name=model_name)
-                else:
-                    report = evaluate_linear_probe(model, train, data, task.get("classnames"), k_shot=task.get("k_shot"),
-                                                   progress=progress, model_name=model_name)
-            else:
-                raise ValueError(f"task '{name}': unknown task kind '{kind}' (zeroshot, linear_probe, knn, retrieval)")
+            report = run_task(task, model, model_name, progress, confusion_png=out_dir / f"{name}.confusion.png")
         except MissingSourceError as e:
             if not task.get("optional"):
                 raise
@@ -123,14 +157,7 @@ def run_suite(suite_path: Union[str, Path], model, model_name: str, out_dir: Uni
         report["suite_task"] = name
         write_json(report, out_dir / f"{name}.json")
         result.results[name] = report
-        m = report["metrics"]
-        if kind == "retrieval":
-            print(f"{name}: text->image R@1 {100 * m['image_retrieval_recall@1']:.1f}% "
-                  f"(chance {100 * m['chance_image_retrieval_recall@1']:.1f}%), image->text R@1 "
-                  f"{100 * m['text_retrieval_recall@1']:.1f}%")
-        else:
-            print(f"{name}: mean per-class recall {100 * m['mean_per_class_recall']:.1f}% "
-                  f"(chance {100 / m['num_classes']:.1f}%), acc1 {100 * m['acc1']:.1f}%")
+        print(task_line(name, report))
     write_summary(result, suite["name"], model_name, out_dir)
     return result
 

@@ -14,7 +14,7 @@ from ..data.labelled import LabelledImages
 from ..data.shard_corpus import ShardCorpus
 from ..io import save_figure
 from ..inference_shards import shard_features
-from ..inference import corpus_image_loader, encode_corpus, encode_images
+from ..inference import corpus_image_loader, current_precision, encode_corpus, encode_images
 from .classification_metrics import classification_metrics
 from .classnames import load_classnames, match_labels
 
@@ -24,31 +24,37 @@ MAX_SKIPPED_REPORTED = 20
 
 def report(dataset: str, model: str, task: str, metrics: dict, pretrained: str = "", language: str = "en",
            **extra: Any) -> dict:
+    """CLIP_benchmark's result shape, plus the precision the features were encoded in."""
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-            "language": language, **extra}
+            "language": language, "precision": current_precision(), **extra}
 
 
 def evaluate_zeroshot(model, data: LabelledImages, classnames: Union[None, str, Sequence[str], dict] = None,
                       templates: Any = "openai_imagenet", batch_size: int = 256, progress: bool = True,
-                      model_name: str = "", confusion_png: Optional[Union[str, Path]] = None) -> dict:
+                      model_name: str = "", confusion_png: Optional[Union[str, Path]] = None,
+                      save_clf: Optional[Union[str, Path]] = None, load_clf: Optional[Union[str, Path]] = None) -> dict:
     """Zero-shot classification of ``data`` into ``classnames`` with prompt ``templates``.
 
     Metrics: ``acc1``, ``acc5`` (NaN below 5 classes), ``mean_per_class_recall``, per-class recall,
     the confusion matrix, and accuracy per template with its spread (prompt sensitivity).
+    ``save_clf`` writes the class weights (see :mod:`vlpretrain.evaluation.clf_store`); ``load_clf`` uses
+    saved ones instead of encoding the prompts (no per-template accuracy then).
 
     Example:
         >>> data = open_labelled_images("emoji:test", label_column="category")
         >>> evaluate_zeroshot(model, data, templates="simple")["metrics"]["mean_per_class_recall"]
     """
     return _zeroshot(model, data.labels, data.name, lambda classifier: classifier.encode_images(data.images),
-                     classnames, templates, batch_size, progress, model_name, confusion_png)
+                     classnames, templates, batch_size, progress, model_name, confusion_png,
+                     save_clf=save_clf, load_clf=load_clf)
 
 
 def _zeroshot(model, labels: list[str], name: str, encode: Callable[[Any], torch.Tensor], classnames: Any,
               templates: Any, batch_size: int, progress: bool, model_name: str,
-              confusion_png: Optional[Union[str, Path]], **extra: Any) -> dict:
+              confusion_png: Optional[Union[str, Path]], save_clf: Optional[Union[str, Path]] = None,
+              load_clf: Optional[Union[str, Path]] = None, **extra: Any) -> dict:
     """evaluate_zeroshot's work on labels and image features (``encode(classifier)``, called after the
-    labels are checked and the class weights built)."""
+    labels are checked and the class weights built, loaded or saved)."""
     from .zeroshot import ZeroShotClassifier
 
     keys, readable, targets = match_labels(labels, load_classnames(classnames), name)
@@ -56,13 +62,25 @@ def _zeroshot(model, labels: list[str], name: str, encode: Callable[[Any], torch
     if empty:
         raise ValueError(f"{name}: {len(empty)} class names are empty (labels {', '.join(repr(k) for k in empty[:5])}); "
                          f"give every class a name (--classnames)")
-    classifier = ZeroShotClassifier(model, readable, templates=templates, batch_size=batch_size, progress=progress)
+    weights = None
+    if load_clf:
+        from .clf_store import load_classifier
+
+        weights = load_classifier(load_clf, model, readable, model_name)
+    classifier = ZeroShotClassifier(model, readable, templates=templates, batch_size=batch_size, progress=progress,
+                                    weights=weights)
+    if load_clf:
+        extra["loaded_classifier"] = Path(load_clf).name
+    if save_clf:
+        from .clf_store import save_classifier
+
+        save_classifier(save_clf, classifier, model, model_name)
     features = encode(classifier)
     logits = classifier.logits(features)
     labels = torch.tensor(targets)
     metrics = classification_metrics(logits, labels, keys)
     metrics["chance_mean_per_class_recall"] = 1 / len(keys)
-    if isinstance(classifier.templates, list) and len(classifier.templates) > 1:
+    if isinstance(classifier.templates, list) and len(classifier.templates) > 1 and not classifier.loaded:
         per_template = {}
         weights = classifier.per_template_weights()  # (T, D, C)
         for template, w in zip(classifier.templates, weights):
@@ -252,7 +270,8 @@ def evaluate_zeroshot_shards(model, corpus: ShardCorpus, label_column: str = "la
                              classnames: Union[None, str, Sequence[str], dict] = None,
                              templates: Any = "openai_imagenet", batch_size: int = 256, num_workers: int = 0,
                              progress: bool = True, model_name: str = "", dataset_name: Optional[str] = None,
-                             confusion_png: Optional[Union[str, Path]] = None) -> dict:
+                             confusion_png: Optional[Union[str, Path]] = None, save_clf: Optional[Union[str, Path]] = None,
+                             load_clf: Optional[Union[str, Path]] = None) -> dict:
     """:func:`evaluate_zeroshot` on WebDataset shards, streamed: each sample's label is the field
     ``label_column`` of its ``.json`` member; samples whose image does not decode are skipped and named
     in the report (``skipped_samples``, ``skipped_examples``), as are bad samples.
@@ -285,4 +304,4 @@ def evaluate_zeroshot_shards(model, corpus: ShardCorpus, label_column: str = "la
     features = images["features"][images["ok"]]
     return _zeroshot(model, [label for label, good in zip(ordered, ok) if good], name, lambda classifier: features,
                      classnames, templates, batch_size, progress, model_name, confusion_png,
-                     **_skipped_report(skipped))
+                     save_clf=save_clf, load_clf=load_clf, **_skipped_report(skipped))

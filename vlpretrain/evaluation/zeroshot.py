@@ -42,6 +42,8 @@ class ZeroShotClassifier:
         batch_size: prompts per text forward and images per image forward.
         device: where to run; the model's device by default (the model is not moved).
         progress: show tqdm bars for long jobs.
+        weights: (D, C) class weights to use as they are (e.g. from
+            :func:`~vlpretrain.evaluation.clf_store.load_classifier`) instead of encoding the prompts.
 
     Attributes:
         weights: (D, C) float32 class embeddings, unit norm per column, on ``device``.
@@ -53,7 +55,8 @@ class ZeroShotClassifier:
     """
 
     def __init__(self, model, classnames: Sequence[str], templates: TemplateSpec = "openai_imagenet",
-                 batch_size: int = 256, device: Optional[Union[str, torch.device]] = None, progress: bool = True):
+                 batch_size: int = 256, device: Optional[Union[str, torch.device]] = None, progress: bool = True,
+                 weights: Optional[torch.Tensor] = None):
         self.classnames = _check_classnames(classnames)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,7 +67,11 @@ class ZeroShotClassifier:
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self._per_template: Optional[torch.Tensor] = None
-        self.weights = self._build_weights()
+        self.loaded = weights is not None  # class weights given (a saved classifier), not encoded from prompts
+        if weights is not None and tuple(weights.shape) != (model.embed_dim, self.num_classes):
+            raise ValueError(f"class weights must be (embed_dim {model.embed_dim}, {self.num_classes} classes), "
+                             f"got shape {tuple(weights.shape)}")
+        self.weights = weights.float().to(self.device) if weights is not None else self._build_weights()
 
     @property
     def num_classes(self) -> int:

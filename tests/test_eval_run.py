@@ -1,0 +1,259 @@
+"""`vlp eval run` over several models and data sets, `vlp eval build`, --recall-k, --precision, saved zero-shot
+classifiers and CLIP_benchmark's wds layout, on tiny models and data (in-process)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlpretrain.cli.main import main
+from vlpretrain.data.wds_benchmark import open_wds_benchmark, wds_corpus, wds_labelled_images
+from vlpretrain.evaluation.benchmark_run import ModelEntry, parse_models, read_models_file, run_benchmark
+from vlpretrain.evaluation.retrieval import retrieval_metrics
+from vlpretrain.evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
+from vlpretrain.inference import encode_corpus, inference_precision
+from vlpretrain.models import build_model
+
+from helpers import tiny_model_config
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def _image(rgb, seed: int, fmt: str) -> bytes:
+    noise = np.random.default_rng(seed).integers(-20, 20, (16, 16, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype("uint8")).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_wds(root: Path, per_class: int = 2, retrieval: bool = False) -> Path:
+    """A tiny data set in CLIP_benchmark's wds layout: test/{0,1}.tar (+ nshards.txt), classnames.txt and
+    zeroshot_classification_templates.txt; images alternate webp / jpg / png; one sample has no image."""
+    (root / "test").mkdir(parents=True)
+    names = list(COLOURS)
+    samples = [(c, i) for i in range(per_class) for c in range(len(names))]
+    formats = [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")]
+    for shard, part in enumerate((samples[:len(samples) // 2], samples[len(samples) // 2:])):
+        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
+            for n, (c, i) in enumerate(part):
+                key = f"s{shard}_{n:04d}"
+                ext, fmt = formats[(c + i) % 3]
+                _add(tar, f"{key}.{ext}", _image(COLOURS[names[c]], 10 * c + i, fmt))
+                _add(tar, f"{key}.cls", str(c).encode())
+                _add(tar, f"{key}.txt", f"a {names[c]} square number {i}\nsquare {i}, {names[c]}".encode())
+            if shard == 1:
+                _add(tar, "bad.cls", b"0")  # no image: counted and skipped
+    (root / "test" / "nshards.txt").write_text("2\n")
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of {c}.\na {c} square.\n")
+    if retrieval:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("models")
+    paths = []
+    with torch.random.fork_rng(devices=[]):
+        for seed, name in ((0, "alpha"), (1, "beta")):
+            torch.manual_seed(seed)
+            paths.append(Path(build_model(tiny_model_config()).save_pretrained(folder / name / "final")))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    """A suite of a wds classification set, a wds retrieval set and a broken wds set (its classnames.txt
+    lists fewer classes than the shards use)."""
+    root = tmp_path_factory.mktemp("bench")
+    write_wds(root / "wds_colours")
+    write_wds(root / "wds_pairs", retrieval=True)
+    write_wds(root / "wds_broken")
+    (root / "wds_broken" / "classnames.txt").write_text("red\n")
+    for name, tasks in (("two", [("colours", "zeroshot", "wds_colours"), ("broken", "zeroshot", "wds_broken")]),
+                        ("good", [("colours", "zeroshot", "wds_colours"), ("pairs", "retrieval", "wds_pairs")])):
+        (root / f"{name}.yaml").write_text("name: %s\ntasks:\n" % name + "".join(
+            f"  - name: {n}\n    task: {kind}\n    data: wds:{folder}\n" for n, kind, folder in tasks))
+    return root
+
+
+def test_wds_reader_reads_classes_templates_and_captions(benchmark):
+    bench = open_wds_benchmark(f"wds:{benchmark / 'wds_colours'}")
+    assert [p.name for p in bench.shards] == ["0.tar", "1.tar"]
+    assert bench.classnames == ["red", "green", "blue"] and bench.templates == ["a photo of {c}.", "a {c} square."]
+    data = wds_labelled_images(bench)
+    assert data.name == "colours" and data.labels == ["red", "green", "blue"] * 2
+    images = list(data.images)
+    assert len(images) == len(data) == 6 and Image.open(io.BytesIO(images[0])).format == "WEBP"
+    corpus = wds_corpus(open_wds_benchmark(f"wds:{benchmark / 'wds_pairs'}"))
+    assert len(corpus) == 6 and corpus[1].captions == ["a green square number 0", "square 0, green"]
+    with pytest.raises(FileNotFoundError, match=r"no 'val' split folder \(splits here: test\)"):
+        open_wds_benchmark(f"wds:{benchmark / 'wds_colours'}", "val")
+
+
+def test_run_two_models_one_broken_dataset(benchmark, two_models, tmp_path, capsys):
+    template = str(tmp_path / "results" / "{dataset}_{model}_{task}.json")
+    code = main(["eval", "run", str(benchmark / "two.yaml"), "--model", str(two_models[0]), "--model",
+                 f"b={two_models[1]}", "--output", template, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert written == ["colours_alpha_zeroshot_classification.json", "colours_b_zeroshot_classification.json"]
+    reason = ("a sample has class 1, but classnames.txt lists 1 classes; the file and the shards do not belong "
+              "together")
+    assert f"failed: alpha / broken: {benchmark / 'wds_broken'}: {reason}" in out
+    assert f"failed: b / broken: {benchmark / 'wds_broken'}: {reason}" in out
+    assert "2 written, 0 already there, 0 skipped (data not installed), 2 failed" in out
+    report = json.loads((tmp_path / "results" / "colours_b_zeroshot_classification.json").read_text())
+    assert (report["model"], report["pretrained"], report["precision"]) == ("b", str(two_models[1]), "fp32")
+    assert report["num_templates"] == 2  # the wds folder's own templates
+
+
+def test_run_one_broken_cell_of_two_by_two_others_written(benchmark, two_models, tmp_path, capsys):
+    """2 models x 2 data sets, the saved classifier of one (model, data set) corrupt: three results, one named failure."""
+    common = ["eval", "run", str(benchmark / "good.yaml"), "--model", f"a={two_models[0]}", "--model",
+              f"b={two_models[1]}", "--no-progress"]
+    clf = str(tmp_path / "clf" / "{dataset}_{model}.safetensors")
+    assert main(common + ["--output", str(tmp_path / "first" / "{dataset}_{model}.json"), "--save-clf", clf]) == 0
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["colours_a.safetensors", "colours_b.safetensors"]
+    (tmp_path / "clf" / "colours_b.safetensors").write_bytes(b"not a classifier")
+    capsys.readouterr()
+    assert main(common + ["--output", str(tmp_path / "second" / "{dataset}_{model}.json"), "--load-clf", clf]) == 1
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == ["colours_a.json", "pairs_a.json", "pairs_b.json"]
+    assert f"failed: b / colours: --load-clf: {tmp_path / 'clf' / 'colours_b.safetensors'} is not a safetensors file" in out
+    first, second = (json.loads((tmp_path / d / "colours_a.json").read_text())["metrics"] for d in ("first", "second"))
+    assert first["confusion_matrix"] == second["confusion_matrix"]
+
+
+def test_run_skip_existing_and_failed_model(benchmark, two_models, tmp_path, capsys):
+    template = str(tmp_path / "{dataset}_{model}.json")
+    args = ["eval", "run", str(benchmark / "good.yaml"), "--model", str(two_models[0]), "--output", template,
+            "--no-progress", "--recall-k", "1,2,50", "--skip-existing"]
+    assert main(args) == 0
+    kept = tmp_path / "colours_alpha.json"
+    kept.write_text('{"marker": true}')
+    before = kept.stat().st_mtime_ns
+    missing = tmp_path / "nowhere" / "final"
+    assert main(args + ["--model", str(missing)]) == 1
+    out = capsys.readouterr().out
+    assert kept.read_text() == '{"marker": true}' and kept.stat().st_mtime_ns == before
+    assert f"alpha / colours: exists, skipped ({kept})" in out and "alpha / pairs: exists, skipped" in out
+    assert f"failed: nowhere / colours: model {missing} did not load:" in out
+    retrieval = json.loads((tmp_path / "pairs_alpha.json").read_text())["metrics"]
+    assert {f"image_retrieval_recall@{k}" for k in (1, 2, 50)} <= set(retrieval) and retrieval["image_retrieval_recall@50"] == 1.0
+
+
+def test_models_file_names_and_template_errors(benchmark, tmp_path):
+    models = tmp_path / "models.txt"
+    models.write_text("# two models\nsmall=runs/a/final\nruns/b/final  # the second\n")
+    assert parse_models(read_models_file(models)) == [ModelEntry("small", "runs/a/final", True),
+                                                      ModelEntry("b", "runs/b/final")]
+    with pytest.raises(ValueError, match="--model: runs/x/final and other/x/final are both named 'x'; name them apart"):
+        parse_models(["runs/x/final", "other/x/final"])
+    with pytest.raises(ValueError, match=r"--output: unknown field \{data\} in 'r/\{data\}.json'"):
+        run_benchmark(benchmark / "good.yaml", parse_models(["a=x"]), "r/{data}.json")
+    with pytest.raises(ValueError, match=r"has no \{model\}: every result would go to the same file"):
+        run_benchmark(benchmark / "good.yaml", parse_models(["a=x", "b=y"]), "r/{dataset}.json")
+
+
+def test_one_model_keeps_the_folder_layout(benchmark, two_models, tmp_path, capsys):
+    out = tmp_path / "single"
+    assert main(["eval", "run", str(benchmark / "good.yaml"), "--model", str(two_models[0]), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["colours.confusion.png", "colours.json", "pairs.json",
+                                                    "summary.csv", "summary.md"]
+    assert f"written: {out}/summary.md (2 tasks, 0 skipped)" in capsys.readouterr().out
+    (out / "pairs.json").unlink()
+    assert main(["eval", "run", str(benchmark / "good.yaml"), "--model", str(two_models[0]), "--out", str(out),
+                 "--no-progress", "--skip-existing"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| colours | zeroshot_classification |" in summary and "| pairs | zeroshot_retrieval |" in summary
+
+
+def test_recall_k_matches_a_direct_computation(model, benchmark):
+    corpus = wds_corpus(open_wds_benchmark(f"wds:{benchmark / 'wds_pairs'}"))
+    m = evaluate_retrieval(model, corpus, batch_size=4, progress=False, ks=(1, 3, 50))["metrics"]
+    feats = encode_corpus(model, corpus, batch_size=4, progress=False)
+    sims = feats["text_features"] @ feats["image_features"].T
+    for k in (1, 3):
+        top = sims.topk(k, dim=1).indices
+        expected = (top == feats["text_to_image"][:, None]).any(1).float().mean().item()
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(expected)
+    assert m["image_retrieval_recall@50"] == m["text_retrieval_recall@50"] == 1.0
+    assert m == {**m, **retrieval_metrics(feats["image_features"], feats["text_features"], feats["text_to_image"],
+                                          ks=(1, 3, 50))}
+
+
+def test_precision_is_recorded_and_used(model, benchmark):
+    data = wds_labelled_images(open_wds_benchmark(f"wds:{benchmark / 'wds_colours'}"))
+    fp32 = evaluate_zeroshot(model, data, None, "a {c} square.", progress=False)
+    with inference_precision("bf16"):
+        bf16 = evaluate_zeroshot(model, data, None, "a {c} square.", progress=False)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["metrics"]["num_samples"] == bf16["metrics"]["num_samples"] == 6
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16, fp16, got 'int8'"):
+        with inference_precision("int8"):
+            pass
+
+
+def test_save_and_load_clf_round_trip_and_mismatch(benchmark, two_models, tmp_path, capsys):
+    clf = tmp_path / "colours.safetensors"
+    data = f"wds:{benchmark / 'wds_colours'}"
+    base = ["eval", "zeroshot", "--data", data, "--no-progress"]
+    assert main(base + ["--model", str(two_models[0]), "--save-clf", str(clf), "--output", str(tmp_path / "a.json")]) == 0
+    assert b"vlpretrain-zeroshot-classifier-v1" in clf.read_bytes()[:4096]  # safetensors' JSON header
+    assert main(base + ["--model", str(two_models[0]), "--load-clf", str(clf), "--output", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in "ab")
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["acc1"] == b["acc1"]
+    capsys.readouterr()
+    assert main(base + ["--model", str(two_models[1]), "--load-clf", str(clf)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vlp eval: error: --load-clf: {clf} was made with model {two_models[0]} (dim 16); the given "
+                          f"model {two_models[1]} embeds text differently") and len(err.splitlines()) == 1
+    assert main(base + ["--model", str(two_models[0]), "--load-clf", str(clf), "--classnames", "red,green,blue,pink"]) == 2
+    assert ("holds 3 classes, this data set has 4: use the same class names, or save a new one with --save-clf"
+            in capsys.readouterr().err)
+
+
+def test_build_merges_known_results(tmp_path, capsys):
+    results = tmp_path / "results"
+    rows = [("cifar10", "a", "zeroshot_classification", {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.45}),
+            ("cifar10", "b", "zeroshot_classification", {"acc1": 0.25, "acc5": float("nan"), "mean_per_class_recall": 0.2}),
+            ("flickr", "a", "zeroshot_retrieval", {"image_retrieval_recall@5": 0.75, "text_retrieval_recall@5": 0.8,
+                                                   "image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.6})]
+    for dataset, model, task, metrics in rows:
+        (results / model).mkdir(parents=True, exist_ok=True)
+        (results / model / f"{dataset}.json").write_text(json.dumps(
+            {"dataset": dataset, "model": model, "pretrained": "", "task": task, "metrics": metrics, "language": "en",
+             "precision": "fp32"}))
+    (results / "a" / "info.json").write_text('{"not": "a result"}')
+    assert main(["eval", "build", str(results), "--out", str(tmp_path / "table.csv"),
+                 "--markdown", str(tmp_path / "table.md")]) == 0
+    table = list(csv.reader((tmp_path / "table.csv").open()))
+    assert table == [
+        ["dataset", "model", "pretrained", "task", "language", "precision", "acc1", "acc5", "mean_per_class_recall",
+         "image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1", "text_retrieval_recall@5"],
+        ["cifar10", "a", "", "zeroshot_classification", "en", "fp32", "0.5", "0.9", "0.45", "", "", "", ""],
+        ["flickr", "a", "", "zeroshot_retrieval", "en", "fp32", "", "", "", "0.5", "0.75", "0.6", "0.8"],
+        ["cifar10", "b", "", "zeroshot_classification", "en", "fp32", "0.25", "", "0.2", "", "", "", ""]]
+    assert list(csv.reader((tmp_path / "table.pivot.csv").open())) == [
+        ["model", "cifar10 (acc1)", "flickr (image_retrieval_recall@5)"], ["a", "0.5", "0.75"], ["b", "0.25", ""]]
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| a | 50.0 | 75.0 |\n| b | 25.0 |  |" in markdown
+    assert "| a | 50.0 | 75.0 |" in capsys.readouterr().out
