@@ -266,7 +266,7 @@ def test_config_errors():
 
 def test_create_loss_from_loss_config_and_alpha_ramp():
     cfg = LossConfig(name="albef", momentum=0.995, queue_size=32)
-    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "weight")}
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "weight", "ssl_weight", "ssl_temperature")}
     loss_fn = create_loss("albef", **kwargs)
     assert isinstance(loss_fn, AlbefLoss) and loss_fn.queue_size == 32 and loss_fn.momentum == 0.995
     assert [distill_alpha_at(s, 0.4, 100) for s in (0, 50, 100, 500)] == pytest.approx([0.0, 0.2, 0.4, 0.4])

@@ -56,8 +56,8 @@ def test_fsdp_config_fully_shards_the_open_clip_blocks_in_bf16():
     config = _load("fsdp.yaml")
     assert config.mixed_precision == "bf16"
     fsdp = config.fsdp_config
-    assert fsdp["fsdp_version"] == 1
-    assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD"
+    assert fsdp["fsdp_version"] == 2  # the trainer supports FSDP2 (training/fsdp.py)
+    assert fsdp["fsdp_reshard_after_forward"] is True  # FSDP2's FULL_SHARD
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "ResidualAttentionBlock"
     # The class really exists under that name in open_clip, so the auto-wrap policy can find it.

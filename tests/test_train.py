@@ -184,7 +184,7 @@ def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
     assert "emoji test split: 356 images, 356 captions (demo-emoji, 3 steps)" in proc.stdout
     assert "text -> image" in proc.stdout and "image -> text" in proc.stdout
     report = json.loads((tmp_path / "demo" / "test_retrieval.json").read_text())
-    assert set(report) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert set(report) == {"dataset", "model", "pretrained", "task", "metrics", "language", "precision"}
     assert report["metrics"]["chance_image_retrieval_recall@10"] == pytest.approx(10 / 356)
     assert 0 <= report["metrics"]["image_retrieval_recall@10"] <= 1
     # The whole corpus is indexed and the default query answered with 5 ranked captions.

@@ -160,11 +160,23 @@ class TrainConfig:
     # torch.compile the model for training (inductor; the first step compiles for tens of seconds; a CPU needs a
     # C++ compiler). Eval, checkpoints and final/ use the plain module.
     compile: bool = False
+    # Training health monitors every this many steps and at each validation (0 = off): alignment / uniformity,
+    # modality gap, effective rank and top singular values, logit scale at its clamp, gradient norm per tower,
+    # loss spikes, into metrics.jsonl, with warnings in the log (vlpretrain.training.monitors).
+    monitor_every: int = 0
+    # Also send metrics.jsonl's numbers to an experiment tracker through Accelerate: tensorboard, wandb (offline
+    # without a network), mlflow, or none.
+    log_with: str = "none"
+    # An evaluation suite (e.g. eval/suites/emoji.yaml) run inside training every eval_every_epochs epochs
+    # (and after the last), its metrics logged as eval/<task>/<metric>; null: none.
+    eval_suite: Optional[str] = None
+    eval_every_epochs: int = 1
 
 
 @dataclass
 class LossConfig:
-    """Which objective; ``name`` is looked up in ``vlpretrain.losses``."""
+    """Which objective; ``name`` is looked up in ``vlpretrain.losses``: contrastive, siglip, albef, slip (+ an
+    image-image SimCLR term on two views) or milnce (every caption of an image a positive)."""
 
     name: str = "contrastive"
     weight: float = 1.0
@@ -181,6 +193,9 @@ class LossConfig:
     distill_alpha: float = 0.4
     # alpha ramps linearly from 0 over this many steps; None = one epoch (set by the trainer).
     distill_warmup_steps: Optional[int] = None
+    # loss.name=slip: the weight and temperature of the image-image NT-Xent term (SLIP: 1.0, 0.1).
+    ssl_weight: float = 1.0
+    ssl_temperature: float = 0.1
 
 
 @dataclass

@@ -119,6 +119,8 @@ RANGES: dict[str, Range] = {
     "train.threads": _SIZE,
     "train.profile_steps": Range(0, integer=True, hint="0: no profiling"),
     "train.max_nonfinite_steps": _SIZE,
+    "train.monitor_every": Range(0, integer=True, hint="0: no monitors"),
+    "train.eval_every_epochs": _SIZE,
     "loss.weight": _NON_NEGATIVE,
     "loss.itc_weight": _NON_NEGATIVE,
     "loss.itm_weight": _NON_NEGATIVE,
@@ -127,6 +129,8 @@ RANGES: dict[str, Range] = {
     "loss.queue_size": Range(0, integer=True, hint="0: no queue"),
     "loss.distill_alpha": _PROBABILITY,
     "loss.distill_warmup_steps": Range(0, integer=True, hint="null: one epoch"),
+    "loss.ssl_weight": _NON_NEGATIVE,
+    "loss.ssl_temperature": Range(0, low_open=True, hint="SLIP uses 0.1"),
 }
 
 

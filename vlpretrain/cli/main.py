@@ -9,6 +9,7 @@ from . import demo, embed, eval as eval_cli, index, train
 from . import wise_ft
 from . import export
 from . import data as data_cli
+from . import plot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     wise_ft.add_parser(commands)
     export.add_parser(commands)
     data_cli.add_parser(commands)
+    plot.add_parser(commands)
     return parser
 
 

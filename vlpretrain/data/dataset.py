@@ -68,6 +68,7 @@ class ImageTextDataset(Dataset):
         max_tries: int = 50,
         caption_transform: Optional[tuple[re.Pattern, Callable[[Any], torch.Tensor]]] = None,
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        image_view: bool = False,
     ) -> None:
         if caption_choice not in CAPTION_CHOICES:
             raise ValueError(f"caption_choice={caption_choice!r}; choose one of {CAPTION_CHOICES}")
@@ -83,6 +84,8 @@ class ImageTextDataset(Dataset):
         # augmentation for captions that name colours; see data/transforms.py).
         self.caption_transform = caption_transform
         self.max_pixels = max_pixels
+        # A second, independently augmented view of each image ("image_view"; SLIP's image-image term).
+        self.image_view = image_view
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,7 +102,7 @@ class ImageTextDataset(Dataset):
             return [captions[0]]
         return [captions[_mix(self.seed, self.epoch, index) % len(captions)]]
 
-    def _to_tensor(self, image: Any, index: int, captions: Sequence[str] = ()) -> torch.Tensor:
+    def _to_tensor(self, image: Any, index: int, captions: Sequence[str] = (), view: int = 1) -> torch.Tensor:
         transform = self.transform
         if self.caption_transform is not None and any(self.caption_transform[0].search(c) for c in captions):
             transform = self.caption_transform[1]
@@ -111,7 +114,7 @@ class ImageTextDataset(Dataset):
         # process-wide stream: the same sample gets the same crop whatever the worker count, the
         # number of processes, or a resume in the middle of an epoch.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, index, 1))
+            torch.manual_seed(_mix(self.seed, self.epoch, index, view))
             return transform(image)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -129,7 +132,10 @@ class ImageTextDataset(Dataset):
             tokens = self.tokenizer(captions)
             if self.caption_choice != "all":
                 tokens = tokens[0]
-            return {"image": self._to_tensor(image, j, captions), "tokens": tokens, "index": j, "skipped": skipped}
+            sample = {"image": self._to_tensor(image, j, captions), "tokens": tokens, "index": j, "skipped": skipped}
+            if self.image_view:
+                sample["image_view"] = self._to_tensor(image, j, captions, view=2)
+            return sample
         last = f" (last: {skipped[-1][0]}: {skipped[-1][1]})" if skipped else ""
         raise RuntimeError(
             f"{self.corpus.name}: {len(skipped)} images in a row failed to load, starting at index "
@@ -141,7 +147,8 @@ def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of :class:`ImageTextDataset` samples into a batch.
 
     Returns ``image`` [B, 3, H, W], ``tokens`` [B, ctx], ``index`` LongTensor[B] and ``skipped``
-    (all samples' lists joined). For ``caption_choice="all"`` samples, ``tokens`` is every caption
+    (all samples' lists joined), plus ``image_view`` [B, 3, H, W] when the samples carry a second view.
+    For ``caption_choice="all"`` samples, ``tokens`` is every caption
     [sum n_i, ctx] and ``text_image_index`` LongTensor[sum n_i] gives each caption's image row.
 
     Example:
@@ -152,6 +159,8 @@ def collate_image_text(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
         "skipped": [s for b in batch for s in b["skipped"]],
     }
+    if "image_view" in batch[0]:
+        out["image_view"] = torch.stack([b["image_view"] for b in batch])
     tokens = [b["tokens"] for b in batch]
     if tokens[0].dim() == 1:
         out["tokens"] = torch.stack(tokens)

@@ -8,14 +8,19 @@ from torch import nn
 
 from .albef import AlbefLoss
 from .contrastive import ContrastiveLoss
+from .milnce import MilNceLoss
 from .siglip import SigLipLoss
+from .slip import SlipLoss
 
-LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLipLoss, "albef": AlbefLoss}
+LOSSES = {"contrastive": ContrastiveLoss, "siglip": SigLipLoss, "albef": AlbefLoss, "slip": SlipLoss,
+          "milnce": MilNceLoss}
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
     """Build a loss by name: ``contrastive`` (CLIP's softmax), ``siglip`` (sigmoid, needs a logit bias) or
-    ``albef`` (contrastive + image-text matching + masked language modelling, for models with fusion heads).
+    ``albef`` (contrastive + image-text matching + masked language modelling, for models with fusion heads),
+    ``slip`` (contrastive + SimCLR's NT-Xent between two views of each image) or ``milnce`` (every caption
+    of an image a positive).
 
     Example:
         >>> loss_fn = create_loss("siglip")
@@ -27,4 +32,4 @@ def create_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[name](**kwargs)
 
 
-__all__ = ["AlbefLoss", "ContrastiveLoss", "SigLipLoss", "create_loss", "LOSSES"]
+__all__ = ["AlbefLoss", "ContrastiveLoss", "MilNceLoss", "SigLipLoss", "SlipLoss", "create_loss", "LOSSES"]

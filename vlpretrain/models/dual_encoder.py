@@ -354,13 +354,15 @@ class DualEncoder(nn.Module):
             values["hf_config"] = hf_model.config.to_dict()
         return values
 
-    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+    def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict] = None) -> Path:
         """Write ``vlp_config.json`` + ``model.safetensors`` atomically: a crash leaves the old folder.
-        Weights holding NaN or inf are refused (a ValueError naming a tensor); nothing is written then."""
-        bad = first_non_finite(self.state_dict())
+        Weights holding NaN or inf are refused (a ValueError naming a tensor); nothing is written then.
+        ``state_dict`` replaces ``self.state_dict()`` (FSDP: the weights consolidated from every process)."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        bad = first_non_finite(state)
         if bad is not None:
             raise ValueError(f"{directory}: not written: the weights hold NaN or inf values (e.g. in {bad})")
-        return write_folder_atomically(Path(directory), lambda tmp: write_model_files(self, tmp))
+        return write_folder_atomically(Path(directory), lambda tmp: write_model_files(self, tmp, state_dict))
 
 
 ITM_MISSING = "this model has no ITM fusion head (train one with model.fusion and loss.name albef)"

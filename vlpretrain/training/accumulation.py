@@ -53,6 +53,9 @@ def check_accumulation(cfg: RecipeConfig) -> None:
     if cfg.train.accum_freq > 1 and cfg.loss.name == "albef":
         raise ConfigError("train.accum_freq > 1 is not available with loss.name=albef (its ITM hard negatives "
                           "and momentum queue need the whole batch in one forward); use accum_freq: 1")
+    if cfg.train.accum_freq > 1 and cfg.loss.name in ("slip", "milnce"):
+        raise ConfigError(f"train.accum_freq > 1 is not available with loss.name={cfg.loss.name} (its second image "
+                          f"views / caption bags are not cached across micro-batches); use accum_freq: 1")
 
 
 def optimizer_steps(micro_batches: int, accum_freq: int) -> int:

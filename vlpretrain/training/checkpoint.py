@@ -1,7 +1,8 @@
 """Training checkpoint folders: written whole under a temporary name and swapped into place, with a
 SHA-256 manifest written last and checked before a resume reads anything.
 
-A folder ``checkpoints/step_N`` holds the model (``vlpretrain.load_model(folder)`` loads it), the trainer
+A folder ``checkpoints/step_N`` holds the model (``vlpretrain.load_model(folder)`` loads it; under FSDP,
+per-process shards instead, see :mod:`.sharded_checkpoint`), the trainer
 objects' state as safetensors + JSON (see :mod:`vlpretrain.training.checkpoint_state`), where the run
 stands (``trainer_state.json``) and ``checkpoint_manifest.json``. Nothing in it is a pickle: a
 checkpoint of an older version (Accelerate's ``.pkl`` / ``.bin`` pickles) is refused, never unpickled.

@@ -17,6 +17,9 @@ A checkpoint folder holds:
 - ``random_states_rankR.json`` + ``.safetensors``: each process's Python, NumPy, torch and CUDA
   generators, restored as Accelerate's ``load_state`` restored them.
 
+Under FSDP the model and optimizer state are sharded: each process writes its own shards instead of
+``model.safetensors`` and ``optimizer`` (see :mod:`vlpretrain.training.sharded_checkpoint`).
+
 Example:
     >>> objects = TrainerObjects(accelerator, unwrapped, optimizer, scheduler)
     >>> save_trainer_objects(objects, Path("runs/x/checkpoints/.tmp_step_00000010"))
@@ -77,11 +80,14 @@ class TrainerObjects:
     ema: Optional[Any] = None
     momentum: Optional[Any] = None
     loss_fn: Optional[torch.nn.Module] = None
+    # FSDP: each process holds shards of the model and optimizer state (see sharded_checkpoint.py).
+    sharded: bool = False
 
     def shared(self) -> dict[str, Any]:
         """The objects whose state is the same on every process, by file stem (the main process saves
-        them): gradients are all-reduced and the queue is filled from all processes' features."""
-        named = {"optimizer": self.optimizer, "scheduler": self.scheduler, "ema": self.ema,
+        them): gradients are all-reduced and the queue is filled from all processes' features. Under FSDP
+        the optimizer state is sharded, so each process saves its own."""
+        named = {"optimizer": None if self.sharded else self.optimizer, "scheduler": self.scheduler, "ema": self.ema,
                  "momentum": self.momentum, "loss": self.loss_fn,
                  "grad_scaler": getattr(self.accelerator, "scaler", None)}
         return {name: obj for name, obj in named.items() if obj is not None}
@@ -96,8 +102,13 @@ def save_trainer_objects(objects: TrainerObjects, folder: Path) -> None:
     from ..models.dual_encoder import write_model_files
 
     accelerator = objects.accelerator
+    if objects.sharded:
+        from .sharded_checkpoint import save_sharded_objects
+
+        save_sharded_objects(objects, folder)
     if accelerator.is_main_process:
-        write_model_files(objects.model, folder)
+        if not objects.sharded:
+            write_model_files(objects.model, folder)
         for name, obj in objects.shared().items():
             save_state_files(obj.state_dict(), folder, name)
     save_state_files(_random_states(), folder, random_states_name(accelerator.process_index))
@@ -110,9 +121,14 @@ def load_trainer_objects(objects: TrainerObjects, folder: Path, listed: Collecti
     Example: ``load_trainer_objects(objects, checkpoint, verify_checkpoint(checkpoint))``
     """
     from ..models.dual_encoder import WEIGHTS_NAME
+    from .sharded_checkpoint import check_shard_layout, load_sharded_objects
 
-    weights = _listed_path(folder, WEIGHTS_NAME, listed)
-    _load_into(objects.model, _load_tensors(weights), weights)
+    check_shard_layout(folder, listed, objects.accelerator.num_processes, objects.sharded)
+    if objects.sharded:
+        load_sharded_objects(objects, folder, listed)
+    else:
+        weights = _listed_path(folder, WEIGHTS_NAME, listed)
+        _load_into(objects.model, _load_tensors(weights), weights)
     shared = objects.shared()
     for name, obj in shared.items():
         _load_into(obj, load_state_files(folder, name, listed), folder / f"{name}.json")

@@ -6,10 +6,13 @@ from ..config import DataConfig
 from ..data.named import open_named_corpus
 
 
-def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1):
+def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1,
+                        loss_name: str = "contrastive"):
     """The training dataset; ``synthetic:N`` gives N copies of one random pair (for benchmarks); WebDataset
     shards (a shard folder, ``manifest.json`` or brace pattern) give a :class:`ShardStream` of this
     process's share (``batch_size``, ``rank`` and ``world`` set its length and split).
+    ``loss_name`` decides what each sample carries beyond one caption (SLIP: a second image view; MIL-NCE:
+    every caption; see :mod:`vlpretrain.training.objective_inputs`).
 
     A corpus is read with ``data.encoding`` / ``data.on_bad_lines``, checked once (placeholder captions
     dropped; duplicates and captions longer than the context counted in the log: see
@@ -23,6 +26,9 @@ def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1,
     if not data.train:
         raise ValueError("data.train is not set: give a corpus (CSV/JSONL/parquet, dataset folder, emoji:train)")
     if data.streaming or is_shard_spec(data.train):
+        if loss_name in ("slip", "milnce"):
+            raise ValueError(f"loss.name={loss_name} reads a corpus table or folder, not WebDataset shards or a "
+                             f"stream ({data.train}): train it from a CSV / JSONL / parquet corpus")
         return _shard_stream(data, model, seed, batch_size, rank, world)
     if data.train.startswith("synthetic:"):
         size = int(data.train.split(":", 1)[1])
@@ -37,8 +43,11 @@ def build_train_dataset(data: DataConfig, model, seed: int, batch_size: int = 1,
                                       getattr(model, "context_length", None), log=rank == 0)
     if len(corpus) == 0:
         raise ValueError(f"data.train: {data.train} holds no usable rows (every caption is a placeholder)")
-    return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, caption_choice="random", seed=seed,
-                            caption_transform=_colour_safe_transform(data, model), max_pixels=data.max_pixels)
+    from .objective_inputs import dataset_options
+
+    return ImageTextDataset(corpus, model.preprocess_train, model.tokenizer, seed=seed,
+                            caption_transform=_colour_safe_transform(data, model), max_pixels=data.max_pixels,
+                            **dataset_options(loss_name))
 
 
 def _colour_safe_transform(data: DataConfig, model):

@@ -28,6 +28,7 @@ from .accumulation import optimizer_steps
 from .checkpoint import list_checkpoints
 from .checkpoint_state import TrainerObjects
 from .data import build_train_dataset
+from .fsdp import check_fsdp_supported, honour_fsdp_on_cpu, prepare_for_fsdp, uses_fsdp
 from .optim import create_optimizer, create_scheduler
 from .start import build_start_model
 
@@ -139,8 +140,11 @@ def make_accelerator(cfg: RecipeConfig) -> "Accelerator":
     from accelerate import Accelerator, DataLoaderConfiguration
 
     # Accelerator(cpu=True) is what lets `accelerate launch --multi_gpu` run gloo processes on a CPU box.
-    return Accelerator(mixed_precision=resolve_precision(cfg.train.precision), cpu=not torch.cuda.is_available(),
-                       dataloader_config=DataLoaderConfiguration(even_batches=True))
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.train.precision),
+                              cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(even_batches=True))
+    honour_fsdp_on_cpu(accelerator)
+    return accelerator
 
 
 # torch.compile's backend for train.compile (a module constant so a test can trace with "eager" in seconds).
@@ -246,6 +250,8 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
     tc = cfg.train
     set_seed(tc.seed)
     world = accelerator.num_processes
+    if uses_fsdp(accelerator):
+        check_fsdp_supported(cfg, accelerator)
     _refuse_or_clear_earlier_run(cfg, accelerator, output_dir)
     _warn_if_slow_bf16(cfg, accelerator)
     if accelerator.is_main_process:
@@ -254,8 +260,11 @@ def prepare_run(cfg: RecipeConfig, accelerator: "Accelerator", output_dir: Path)
     model = build_start_model(cfg.model, augmentation=cfg.data.augmentation)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if uses_fsdp(accelerator):
+        prepare_for_fsdp(model)  # before the optimizer takes its parameters
     loss_fn = _make_loss(cfg)
-    dataset = build_train_dataset(cfg.data, model, tc.seed, tc.batch_size, accelerator.process_index, world)
+    dataset = build_train_dataset(cfg.data, model, tc.seed, tc.batch_size, accelerator.process_index, world,
+                                  loss_name=cfg.loss.name)
     if isinstance(dataset, IterableDataset):
         return _prepare_stream_run(cfg, accelerator, model, loss_fn, dataset)
     if len(dataset) < tc.batch_size * world:
@@ -310,7 +319,7 @@ def _register_the_rest(cfg: RecipeConfig, accelerator: "Accelerator", model, los
     if stateful_loss:
         loss_fn.to(accelerator.device)
     checkpointed = TrainerObjects(accelerator, unwrapped, optimizer, scheduler, ema=ema, momentum=momentum,
-                                  loss_fn=loss_fn if stateful_loss else None)
+                                  loss_fn=loss_fn if stateful_loss else None, sharded=uses_fsdp(accelerator))
     distill_warmup = cfg.loss.distill_warmup_steps if cfg.loss.distill_warmup_steps is not None else steps_per_epoch
     return PreparedRun(cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped,
                        scored=ema.module if ema is not None else unwrapped, loss_fn=loss_fn, optimizer=optimizer,
@@ -354,9 +363,12 @@ def _make_ema(model: torch.nn.Module, tc) -> Optional[Any]:
 
 def _make_loss(cfg: RecipeConfig) -> torch.nn.Module:
     """The recipe's objective; ALBEF's takes its weights, momentum and queue settings from ``loss``."""
+    if cfg.loss.name == "slip":
+        return create_loss("slip", ssl_weight=cfg.loss.ssl_weight, ssl_temperature=cfg.loss.ssl_temperature)
     if cfg.loss.name != "albef":
         return create_loss(cfg.loss.name)
-    settings = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k not in ("name", "weight")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg.loss).items()
+                if k not in ("name", "weight", "ssl_weight", "ssl_temperature")}
     return create_loss("albef", **settings)
 
 

@@ -11,12 +11,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from .fsdp import full_tensor
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from .trackers import Trackers
 
 logger = logging.getLogger("vlpretrain.train")
 
@@ -70,7 +74,7 @@ class RunLog:
     """
 
     def __init__(self, accelerator: "Accelerator", output_dir: Path, total_steps: int, step: int, log_every: int,
-                 progress: bool):
+                 progress: bool, trackers: Optional["Trackers"] = None):
         from ..progress import progress_bar
 
         self.accelerator = accelerator
@@ -86,12 +90,16 @@ class RunLog:
         self.interval_start, self.interval_samples = time.perf_counter(), 0
         self.loss_sum, self.loss_count = torch.zeros((), device=accelerator.device), 0
         self.train_start, self.train_samples = time.perf_counter(), 0
+        self.trackers = trackers  # train.log_with: each record also goes there
 
     def write(self, record: dict) -> None:
-        """Append one record to ``metrics.jsonl`` (main process only), flushed at once."""
+        """Append one record to ``metrics.jsonl`` (main process only), flushed at once, and send it to the
+        run's experiment trackers (``train.log_with``)."""
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def note_skipped(self, skipped: list[tuple[Any, str]]) -> None:
         """Count the bad samples the collate dropped from a batch; name the first ones in the log."""
@@ -135,7 +143,7 @@ class RunLog:
         skipped_total = self.skipped_total()
         record = {"step": step, "epoch": epoch, "loss": mean_loss,
                   **{k: v.item() for k, v in losses.items()},
-                  "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
+                  "lr": scheduler.get_last_lr()[0], "logit_scale": full_tensor(model.logit_scale).exp().item(),
                   "samples_per_s": throughput, "skipped_samples": skipped_total,
                   "nonfinite_steps": self.nonfinite_steps, "samples_seen": samples_seen,
                   "elapsed_s": time.perf_counter() - self.train_start}
@@ -167,3 +175,5 @@ class RunLog:
         self.bar.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        if self.trackers is not None:
+            self.trackers.close()

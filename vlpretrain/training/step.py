@@ -14,6 +14,7 @@ import torch
 
 from ..losses.albef import distill_alpha_at
 from .accumulation import accumulate_gradients
+from .objective_inputs import forward_batch
 from .prepare import PreparedRun
 from .profiling import phase
 
@@ -106,8 +107,9 @@ def train_step(run: PreparedRun, batches: list[dict], step: int,
 
 
 def _forward(run: PreparedRun, batch: dict) -> dict:
-    """The model's output dict on ``batch`` (features, logit scale / bias; fusion outputs with heads)."""
-    return run.model(batch["image"], batch["tokens"], image_ids=batch["index"])
+    """The model's output dict on ``batch`` (features, logit scale / bias; fusion outputs with heads; SLIP's
+    second view, MIL-NCE's caption owners: :func:`~vlpretrain.training.objective_inputs.forward_batch`)."""
+    return forward_batch(run.model, batch)
 
 
 def _weighted_sum(weight: float, losses: dict) -> torch.Tensor:

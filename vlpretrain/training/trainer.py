@@ -23,12 +23,16 @@ from ..models.dual_encoder import first_non_finite
 from ..recipe_ranges import check_ranges
 from .accumulation import check_accumulation, grouped
 from .checkpoint import checkpoint_root, save_checkpoint
+from .eval_during_training import SuiteDuringTraining
+from .fsdp import consolidated_state_dict, sharded_first_non_finite
+from .monitors import TrainingMonitor
 from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .prepare import PreparedRun, make_accelerator, prepare_run
 from .profiling import StepProfiler, timed_batches
 from .resume import Position, resume_position
 from .run_log import RunLog, close_logging, setup_logging
 from .step import NonFiniteGuard, train_step
+from .trackers import check_log_with, open_trackers
 from .validation import validate_at_epoch_end
 
 logger = logging.getLogger("vlpretrain.train")
@@ -66,6 +70,7 @@ def train(cfg: RecipeConfig, on_step: Optional[Callable[[int], None]] = None) ->
     tc = cfg.train
     check_ranges(cfg)  # a recipe built in Python, not loaded, is checked here
     check_accumulation(cfg)
+    check_log_with(tc.log_with)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     accelerator = make_accelerator(cfg)
@@ -84,14 +89,17 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
     step, a metrics record every ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every``
     (and one when a stop signal came); validate after each epoch; finish with the final checkpoint and model."""
     tc = cfg.train
+    evals = SuiteDuringTraining(cfg, output_dir)
     run = prepare_run(cfg, accelerator, output_dir)
     position = resume_position(run.checkpointed, tc.resume, output_dir, run.total_steps, run.steps_per_epoch,
                                tc.accum_freq)
     first_epoch, skip_steps = position.epoch, position.batch_in_epoch
     run.log_summary()
-    log = RunLog(accelerator, output_dir, run.total_steps, position.step, tc.log_every, tc.progress)
+    log = RunLog(accelerator, output_dir, run.total_steps, position.step, tc.log_every, tc.progress,
+                 trackers=open_trackers(cfg, output_dir, accelerator.is_main_process))
     guard = NonFiniteGuard(accelerator, tc.max_nonfinite_steps)
     profiler = StepProfiler(tc.profile_steps, output_dir, enabled=accelerator.is_main_process)
+    monitor = TrainingMonitor(run, tc.monitor_every, log)
 
     run.model.train()
     try:
@@ -104,6 +112,7 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
             for batches in grouped(timed_batches(run.epoch_loader(epoch, skip)), tc.accum_freq):
                 for batch in batches:
                     log.note_skipped(batch["skipped"])
+                monitor.before_step(position.step + 1)
                 loss, losses, updated = train_step(run, batches, position.step, guard)
 
                 global_batch = sum(batch["image"].shape[0] for batch in batches) * run.world
@@ -113,6 +122,7 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                 log.step_done(loss, global_batch, updated)
                 if log.due(position.step):
                     log.write_step(position.step, epoch, position.samples_seen, losses, run.scheduler, run.unwrapped)
+                monitor.after_step(position.step, epoch, loss, batches[-1], updated)
                 saved = bool(tc.checkpoint_every) and position.step % tc.checkpoint_every == 0
                 if saved and position.step < run.total_steps:
                     state = position.trainer_state(run.total_steps, run.world, tc.accum_freq)
@@ -124,8 +134,10 @@ def _train(cfg: RecipeConfig, accelerator, output_dir: Path, on_step: Optional[C
                     break  # a stop asked for at the last step: finishing is as quick as a checkpoint
                 if stop.agreed():
                     return _preempted(run, log, position, output_dir, stop, already_saved=saved)
-            validate_at_epoch_end(run, log, position.step, epoch)
+            validate_at_epoch_end(run, log, position.step, epoch, monitor)
+            evals.after_epoch(run, log, position.step, epoch)
     finally:
+        monitor.close()
         profiler.close()
         log.close()
     return _finish(run, log, position, output_dir)
@@ -163,10 +175,12 @@ def _finish(run: PreparedRun, log: RunLog, position: Position, output_dir: Path)
         save_checkpoint(run.checkpointed, output_dir, end.trainer_state(run.total_steps, run.world, tc.accum_freq),
                         keep=tc.keep_checkpoints)
     final_dir = output_dir / "final"
+    # FSDP: the full weights gathered to the main process, written in the ordinary format.
+    consolidated = consolidated_state_dict(run.unwrapped) if run.checkpointed.sharded else None
     if accelerator.is_main_process:
         if run.ema is not None:
             run.unwrapped.save_pretrained(output_dir / "final-online")
-        run.scored.save_pretrained(final_dir)
+        run.scored.save_pretrained(final_dir, state_dict=consolidated)
         skipped_steps = f" (steps skipped for a non-finite loss: {log.nonfinite_steps})" if log.nonfinite_steps else ""
         logger.info("saved the final model%s to %s%s", " (EMA weights)" if run.ema is not None else "", final_dir,
                     skipped_steps)
@@ -180,7 +194,8 @@ def _refuse_non_finite_weights(run: PreparedRun, step: int) -> None:
     """A NaN / inf weight (a finite loss can still blow the weights up, e.g. a huge lr) stops the run before
     the last checkpoint and ``final/`` are written. Every process checks (their weights are the same)."""
     for model in [run.scored] + ([run.unwrapped] if run.ema is not None else []):
-        bad = first_non_finite(model.state_dict())
+        bad = (sharded_first_non_finite(model, run.accelerator) if run.checkpointed.sharded
+               else first_non_finite(model.state_dict()))
         if bad is not None:
             raise ValueError(f"train: the weights hold NaN or inf values after step {step} (e.g. {bad}); final/ "
                              f"was not written; lower train.lr or check the data")

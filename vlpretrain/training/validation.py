@@ -11,13 +11,15 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .prepare import PreparedRun
+    from .monitors import TrainingMonitor
     from .run_log import RunLog
 
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, corpus: Any, batch_size: int, accelerator: Optional["Accelerator"] = None,
-             progress: bool = False) -> dict[str, float]:
-    """Val loss (contrastive, in consecutive blocks of ``batch_size``) and exact retrieval recall.
+             progress: bool = False, monitors: bool = False) -> dict[str, float]:
+    """Val loss (contrastive, in consecutive blocks of ``batch_size``) and exact retrieval recall; with
+    ``monitors``, also the embedding monitors of the whole set (:func:`~vlpretrain.training.monitors.embedding_stats`).
 
     Example:
         >>> metrics = validate(model, open_named_corpus("emoji:val", DataConfig()), batch_size=128)
@@ -51,13 +53,19 @@ def validate(model: torch.nn.Module, corpus: Any, batch_size: int, accelerator: 
     metrics = retrieval_metrics(images, texts, owner)
     metrics["val_loss"] = sum(l * w for l, w in zip(losses, weights)) / max(sum(weights), 1)
     metrics["bad_images"] = len(feats["bad_images"])
+    if monitors:
+        from .monitors import embedding_stats
+
+        metrics.update(embedding_stats(images, texts, owner))
     return metrics
 
 
-def validate_at_epoch_end(run: "PreparedRun", log: "RunLog", step: int, epoch: int) -> None:
+def validate_at_epoch_end(run: "PreparedRun", log: "RunLog", step: int, epoch: int,
+                          monitor: Optional["TrainingMonitor"] = None) -> None:
     """After epoch ``epoch`` (or the run's last step): the main process validates ``run.scored`` and logs
     it; every process waits for it, then goes back to train mode. Nothing without ``data.val`` or with
-    ``train.validate_every_epoch=false``.
+    ``train.validate_every_epoch=false``. With an enabled ``monitor``, the record also holds the embedding
+    monitors of the validation set, and the monitor warns about what they show.
 
     Example: ``validate_at_epoch_end(run, log, position.step, epoch)``
     """
@@ -67,7 +75,10 @@ def validate_at_epoch_end(run: "PreparedRun", log: "RunLog", step: int, epoch: i
     if not (step % run.steps_per_epoch == 0 or step >= run.total_steps):
         return
     if accelerator.is_main_process:
-        val = validate(run.scored, run.val_corpus, tc.batch_size, accelerator)
+        watched = monitor is not None and monitor.enabled
+        val = validate(run.scored, run.val_corpus, tc.batch_size, accelerator, monitors=watched)
         log.write_validation(val, step, epoch)
+        if watched:
+            monitor.check(val, step, where="the validation set")
     accelerator.wait_for_everyone()
     run.model.train()
