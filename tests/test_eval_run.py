@@ -257,3 +257,122 @@ def test_build_merges_known_results(tmp_path, capsys):
     markdown = (tmp_path / "table.md").read_text()
     assert "| a | 50.0 | 75.0 |\n| b | 25.0 |  |" in markdown
     assert "| a | 50.0 | 75.0 |" in capsys.readouterr().out
+
+
+def test_save_clf_refuses_non_finite_weights_and_load_clf_names_a_missing_header_key(model, tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from vlpretrain.evaluation.clf_store import CLF_FORMAT, load_classifier, save_classifier
+
+    path = tmp_path / "clf.safetensors"
+    overflowed = SimpleNamespace(weights=torch.tensor([[1.0, float("inf")], [0.0, float("nan")]]),
+                                 classnames=["red", "blue"], templates=["a {c} square."])
+    with inference_precision("fp16"), pytest.raises(ValueError) as error:
+        save_classifier(path, overflowed, model)
+    assert str(error.value) == (f"--save-clf: {path}: the class weights hold NaN or inf (prompts encoded in fp16; "
+                                f"fp16 / bf16 can overflow); not saved: rerun with --precision fp32")
+    assert not path.exists()
+    for header, missing in (({"format": CLF_FORMAT, "classnames": '["red"]'}, "signature"),
+                            ({"format": CLF_FORMAT}, "signature or classnames")):
+        save_file({"weights": torch.zeros(16, 1)}, str(path), metadata=header)
+        with pytest.raises(ValueError) as error:
+            load_classifier(path, model, ["red"])
+        assert str(error.value) == (f"--load-clf: {path}: its header has no {missing} (damaged, or not written by "
+                                    f"--save-clf); save a new one with --save-clf")
+
+
+def _result(dataset: str = "cifar10", model: str = "a") -> str:
+    return json.dumps({"dataset": dataset, "model": model, "task": "zeroshot_classification", "metrics": {"acc1": 0.5}})
+
+
+def test_build_refuses_existing_files_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "a.json").write_text(_result())
+    other = tmp_path / "other.json"
+    other.write_text(_result(model="b"))
+    table = tmp_path / "table.csv"
+    args = ["eval", "build", str(tmp_path / "r"), "--out", str(table)]
+    assert main(args) == 0 and (tmp_path / "table.pivot.csv").is_file()
+    table.write_text("kept")
+    capsys.readouterr()
+    assert main(args + ["--markdown", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vlp eval: error: {table} already exists; pass --overwrite to replace it, or choose another --out"]
+    assert main(["eval", "build", str(tmp_path / "r"), "--markdown", str(other)]) == 2
+    assert (f"{other} already exists; pass --overwrite to replace it, or choose another --markdown"
+            in capsys.readouterr().err)
+    assert table.read_text() == "kept" and other.read_text() == _result(model="b")
+    assert main(args + ["--overwrite"]) == 0
+    assert list(csv.reader(table.open()))[1][:2] == ["cifar10", "a"]
+
+
+def test_run_refuses_dot_names_and_files_that_are_not_results(benchmark, tmp_path, capsys):
+    def no_load(spec):
+        raise AssertionError("no model loads when every path is refused")
+
+    for name, template in (("..", "{model}/{dataset}.json"), ("a", "{model}/{pretrained}/{dataset}.json")):
+        with pytest.raises(ValueError) as error:
+            run_benchmark(benchmark / "good.yaml", parse_models([f"{name}=.."]), str(tmp_path / template),
+                          progress=False, load=no_load)
+        field, advice = (("model", "give the model another NAME with --model NAME=SPEC") if name == ".." else
+                         ("pretrained", "leave {pretrained} out of the template"))
+        assert str(error.value) == f"{field} '..' cannot be part of a file path ('.' and '..' name folders): {advice}"
+    # a JSON that the old summary reader took for a result (metrics and task only) is not one either
+    (tmp_path / "pairs_a.json").write_text("my notes")
+    (tmp_path / "colours_a.json").write_text('{"metrics": {}, "task": "x"}')
+    outcome = run_benchmark(benchmark / "good.yaml", parse_models(["a=x"]), str(tmp_path / "{dataset}_{model}.json"),
+                            progress=False, load=no_load)
+    assert outcome.failed == {
+        ("a", "colours"): f"{tmp_path / 'colours_a.json'}: not an evaluation result (needs dataset, metrics, model, "
+                          f"task); not replaced: move it away or choose another --output",
+        ("a", "pairs"): f"{tmp_path / 'pairs_a.json'}: not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+                        f"not replaced: move it away or choose another --output"}
+    assert (tmp_path / "pairs_a.json").read_text() == "my notes"
+
+
+def test_models_load_one_at_a_time_and_results_are_replaced(benchmark, two_models, tmp_path):
+    import weakref
+
+    from vlpretrain.evaluation.results_table import read_results
+    from vlpretrain.models import load_model
+
+    suite = tmp_path / "one.yaml"
+    suite.write_text(f"name: one\ntasks:\n  - name: colours\n    task: zeroshot\n    data: wds:{benchmark / 'wds_colours'}\n")
+    loaded, alive_at_load = [], []
+
+    def load(spec):
+        alive_at_load.append([ref() is not None for ref in loaded])
+        model = load_model(spec)
+        loaded.append(weakref.ref(model))
+        return model
+
+    (tmp_path / "r").mkdir()
+    old = tmp_path / "r" / "colours_a.json"
+    old.write_text(_result("colours"))
+    outcome = run_benchmark(suite, parse_models([f"a={two_models[0]}", f"b={two_models[1]}"]),
+                            str(tmp_path / "r" / "{dataset}_{model}.json"), progress=False, load=load)
+    assert alive_at_load == [[], [False]] and not outcome.failed
+    assert [(r["model"], r["pretrained"]) for _, r in read_results([tmp_path / "r"])] == [
+        ("a", str(two_models[0])), ("b", str(two_models[1]))]
+
+
+def test_default_output_folder_is_the_model_name(benchmark, tmp_path, monkeypatch, capsys):
+    from vlpretrain.cli import eval_run
+    from vlpretrain.evaluation import benchmark_run
+    from vlpretrain.inference_precision import PRECISIONS
+
+    templates = []
+    monkeypatch.setattr(benchmark_run, "run_benchmark",
+                        lambda suite, models, template, **kw: templates.append(template) or benchmark_run.BenchmarkOutcome())
+    for spec in ("open_clip:ViT-B-32/openai", "recipes/lit-minilm.yaml", "hf:org/clip-name", "runs/demo/final",
+                 "small=open_clip:RN50"):
+        assert main(["eval", "run", str(benchmark / "good.yaml"), "--model", spec, "--no-progress"]) == 0
+    assert templates == [f"results/eval/good/{name}/{{dataset}}.json" for name in
+                         ("open_clip-ViT-B-32-openai", "lit-minilm", "hf-org-clip-name", "demo", "small")]
+    capsys.readouterr()
+    assert main(["eval", "run", str(benchmark / "good.yaml"), "--model", "..", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == ("vlp eval: error: model '..' cannot be part of a file path ('.' and "
+                                               "'..' name folders): give the model another NAME with --model NAME=SPEC")
+    assert eval_run.PRECISION_CHOICES == tuple(PRECISIONS) == ("fp32", "bf16", "fp16")

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from vlpretrain.config import recipe_from_dict
 from vlpretrain.training import train
 from vlpretrain.training.fsdp import check_fsdp_supported
-from vlpretrain.training.sharded_checkpoint import SHARD_LAYOUT, check_shard_layout
+from vlpretrain.training.sharded_checkpoint import (SHARD_LAYOUT, _check_optimizer_shard, check_shard_layout,
+                                                    save_sharded_objects)
 
 from helpers import read_metrics, spawn_gloo, tiny_recipe, write_image_csv
 
@@ -135,6 +136,8 @@ def test_another_world_size_is_refused_in_one_line(runs, tmp_path):
     ({"train": {"ema_decay": 0.99}}, "train.ema_decay (EMA weights)"),
     ({"data": {"val": "pairs.csv"}}, "data.val (validation during training; evaluate final/ with vlp eval instead)"),
     ({"train": {"accum_freq": 2}}, "train.accum_freq > 1"),
+    ({"train": {"eval_suite": "suite.yaml"}},
+     "train.eval_suite (evaluation during training; evaluate final/ with vlp eval run instead)"),
     ({"loss": {"name": "albef", "momentum": 0.995}, "model": {"fusion": {"itm": True}}},
      "loss.momentum (ALBEF's momentum encoders)"),
 ])
@@ -155,3 +158,29 @@ def test_fsdp_version_1_is_refused_in_one_line(tmp_path):
         check_fsdp_supported(recipe_from_dict(tiny_recipe(tmp_path / "run", tmp_path / "pairs.csv")), fsdp1)
     assert str(error.value) == ("FSDP version 1 is not supported: set fsdp_version: 2 in the Accelerate config (as "
                                 "recipes/accelerate/fsdp.yaml does)")
+
+
+def test_non_finite_weights_write_no_shard(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    one_process = SimpleNamespace(process_index=0, device="cpu", reduce=lambda tensor, reduction: tensor)
+    objects = SimpleNamespace(model=model, accelerator=one_process)
+    with pytest.raises(ValueError) as error:
+        save_sharded_objects(objects, tmp_path)
+    assert str(error.value) == (f"{tmp_path}: checkpoint not written: the weights hold NaN or inf values (e.g. bias); "
+                                f"resume from the last checkpoint with a lower train.lr or a train.grad_clip_norm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_optimizer_shard_without_state_or_of_other_parameters_is_one_line(tmp_path):
+    path = tmp_path / "optimizer_rank0.json"
+    fix = "resume with the recipe that wrote the checkpoint, or start over with train.overwrite=true"
+    _check_optimizer_shard({"state": {"w": {"step": 1}}, "param_groups": []}, {"w", "b"}, path)  # fits
+    with pytest.raises(ValueError) as error:
+        _check_optimizer_shard({"param_groups": []}, {"w"}, path)
+    assert str(error.value) == f"{path}: no optimizer state table ('state' of per-parameter entries); {fix}"
+    with pytest.raises(ValueError) as error:
+        _check_optimizer_shard({"state": {"w": {}, "old.proj": {}}}, {"w"}, path)
+    assert str(error.value) == (f"{path}: optimizer state for parameters this model does not have (e.g. "
+                                f"old.proj); {fix}")

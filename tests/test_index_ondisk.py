@@ -65,6 +65,7 @@ def test_ondisk_build_equals_in_memory_ivf(parts):
     assert info["build_plan"]["blocks"] >= 2 and info["skipped_bad_images"] == 2
     assert (out / ONDISK_NAME).stat().st_size == info["ondisk_bytes"]
     assert 0.9 <= info["recall@10"]["image_queries"] <= 1 and info["recall@10"]["text_queries"] is not None
+    assert info["recall@10"]["tune_overlaps_measure"] == []  # 2998 vectors: held-out tune queries
 
     # The files are what faiss reads back, from a moved folder too: lists on disk, beside index.faiss.
     moved = root / "moved"
@@ -95,6 +96,11 @@ def test_ondisk_build_equals_in_memory_ivf(parts):
     hits = loaded.search(vectors=kept[[0, 2500]], k=1)
     kept_rows = np.flatnonzero(ok)
     assert [h[0]["image"] for h in hits] == [f"/data/img{kept_rows[0]}.png", f"/data/img{kept_rows[2500]}.png"]
+    assert loaded._meta is None  # searches read only their rows' row groups, not the whole meta.parquet
+    whole = pd.read_parquet(moved / "meta.parquet")
+    ids = [2997, 0, 1200, 0, 401]  # several row groups, out of order, repeated
+    pd.testing.assert_frame_equal(loaded.meta_rows(ids).reset_index(drop=True),
+                                  whole.iloc[ids].reset_index(drop=True))
     assert list(loaded.meta["id"]) == list(range(2998)) and list(loaded.meta["source"][[0, 2997]]) == [0, 1]
     with pytest.raises(ValueError, match="is an on-disk index"):
         loaded.add(folders[0], progress=False)
@@ -120,3 +126,13 @@ def test_ondisk_text_index_matches_exact_on_probed_lists(parts):
         RetrievalIndex.load(root / "text")
     assert str(error.value) == (f"{data} is missing, truncated or corrupt ({size - 16} bytes, expected {size}): "
                                 f"rebuild it with `vlp index build`")
+
+
+def test_ondisk_small_build_records_that_tuning_reused_the_measured_queries(tmp_path):
+    """800 image vectors (under the 1000 measured queries): the tune queries are the measured ones, and
+    info.json says so; the 1600 caption queries hold out their own tune queries."""
+    images, texts = synthetic(800, DIM, seed=4)
+    folder = write_embedding_folder(tmp_path / "emb", images, texts, SIGNATURE, shard_size=400)
+    built = RetrievalIndex.build(folder, tmp_path / "index", kind="ivf-ondisk", memory_budget="100KB",
+                                 progress=False)
+    assert built.info["recall@10"]["tune_overlaps_measure"] == ["image"]

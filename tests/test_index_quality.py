@@ -159,3 +159,17 @@ def test_model_spec_stored_absolute_and_moved_model_message(tmp_path, monkeypatc
                                 f"pass --model with its new location (or model_spec= in Python)")
     found = RetrievalIndex.load(tmp_path / "idx", model_spec=str(moved)).search(texts="caption 1 a", k=1)
     assert found == RetrievalIndex.load(tmp_path / "idx", model=model).search(texts="caption 1 a", k=1)
+
+
+def test_build_help_names_the_kinds_auto_picks(capsys):
+    """--kind auto's help says what choose_kind returns (flat, then ivfsq8, ivf-ondisk over the budget)."""
+    from vlpretrain.cli.main import main
+    from vlpretrain.retrieval.faiss_index import choose_kind, parse_memory
+
+    assert choose_kind(2_000_000, 64, parse_memory("4GB")) == "ivfsq8"
+    with pytest.raises(SystemExit):
+        main(["index", "build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "flat below 1M vectors, ivfsq8 (IVF over 8-bit scalar codes) above" in help_text
+    assert "ivfpq-refine (" not in help_text
+    assert "leaves glibc's malloc trim/mmap thresholds at 128 KiB" in help_text

@@ -31,6 +31,14 @@ def test_alignment_uniformity_gap_equal_direct_sums():
     assert math.isclose(modality_gap(X, Y), gap, rel_tol=1e-5)
 
 
+def test_uniformity_above_the_row_cap_is_that_of_a_fixed_sample():
+    x = F.normalize(torch.randn(10, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    sample = x[torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4]]
+    assert uniformity(x, max_rows=4) == uniformity(sample) == uniformity(x, max_rows=4)
+    assert uniformity(x, max_rows=10) == uniformity(x)  # at the cap: every pair
+    assert uniformity(x, max_rows=4) != uniformity(x)
+
+
 def test_spectrum_equals_numpy_svd_entropy():
     centred = X.numpy() - X.numpy().mean(0)
     s = np.linalg.svd(centred, compute_uv=False)
@@ -154,3 +162,31 @@ def test_saturated_scale_and_spike_warnings_are_worded_for_a_user(caplog):
                         "the temperature can fall no further, and the loss may be too easy on this data (duplicate "
                         "captions?) or the lr too high"]
     assert written[-1]["monitor/loss_spikes"] == 1
+
+
+def test_collapse_is_not_called_on_too_few_rows_to_show_it(caplog):
+    from types import SimpleNamespace
+
+    from vlpretrain.training.monitors import COLLAPSE_MIN_ROWS, TrainingMonitor
+
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    run = SimpleNamespace(unwrapped=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          accelerator=SimpleNamespace(is_main_process=True))
+    written = []
+    monitor = TrainingMonitor(run, every=1, log=SimpleNamespace(write=written.append))
+    with caplog.at_level(logging.WARNING, logger="vlpretrain"):
+        # A healthy per-device batch of 2: 2 centred rows always have effective rank 1.
+        monitor.before_step(1)
+        monitor._keep_features(model, (), {"image_features": X[:2], "text_features": Y[:2]})
+        monitor.after_step(1, 0, torch.tensor(2.0), {"image": torch.zeros(2, 3, 4, 4)})
+        assert written[-1]["monitor/erank_image"] == pytest.approx(1.0) and not caplog.records
+        low_rank = {"monitor/spread_image": 0.5, "monitor/erank_image": 1.0}
+        monitor.check(low_rank, 2, where="the training batch", rows=COLLAPSE_MIN_ROWS - 1)
+        assert not caplog.records
+        # Identical rows still show (no spread), and enough rows with a low rank do.
+        monitor.check({"monitor/spread_text": 0.0, "monitor/erank_text": 0.0}, 3, where="the training batch", rows=2)
+        monitor.check(low_rank, 4, where="the validation set", rows=COLLAPSE_MIN_ROWS)
+    monitor.close()
+    assert [r.getMessage()[:40] for r in caplog.records] == ["text embeddings have collapsed at step 3",
+                                                             "image embeddings have collapsed at step "]

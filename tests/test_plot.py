@@ -21,11 +21,15 @@ def _run(folder, offset: float):
     return records
 
 
-def test_plot_writes_png_and_series_equal_to_metrics(tmp_path, capsys):
+def test_plot_writes_png_and_series_equal_to_metrics(tmp_path, capsys, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "svg")  # a caller's backend: plotting must not switch it
     runs = {"a": _run(tmp_path / "a", 0.0), "b": _run(tmp_path / "b", 0.5)}
     out = tmp_path / "plots" / "runs.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg"
     series = json.loads(out.with_suffix(".json").read_text())
     assert set(series) == {"a", "b"}
     for name, records in runs.items():

@@ -266,6 +266,32 @@ def test_stored_image_values(tmp_path):
         assert caught.value.status == 404
 
 
+def test_shard_images_resolve_by_the_data_readers_keys(tmp_path):
+    """Keys as the data readers give them (webdataset's: up to the first dot of the base name, folders
+    kept) find the image: subfolders, dotted folders, a sample with two image members (jpg first, as
+    parse_sample picks); a key is looked up in the tar's members only, so '../' finds nothing."""
+    from vlpretrain.data.shard_format import read_shard_samples
+
+    members = [("sub/dir/000001.txt", b"one"), ("sub/dir/000001.png", b"png one"),
+               ("v1.2/000002.txt", b"two"), ("v1.2/000002.JPG", b"jpg two"),
+               ("000003.txt", b"three"), ("000003.png", b"png three"), ("000003.jpg", b"jpg three"),
+               ("000004.txt", b"four"), ("000004.meta.webp", b"not its image")]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, payload in members:
+            member = tarfile.TarInfo(name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    bad = []
+    samples = list(read_shard_samples(tmp_path / "00000.tar", lambda source, why: bad.append(source)))
+    assert [s.key for s in samples] == ["sub/dir/000001", "v1.2/000002", "000003"] and len(bad) == 1
+    for sample in samples:  # the value an index stores for a shard sample without an original path
+        assert stored_image(sample.source, tmp_path) == (sample.image, f"image/{sample.image_ext}".replace(
+            "jpg", "jpeg"))
+    for key in ("000004", "000004.meta", "../000003", "sub/../sub/dir/000001", "/etc/passwd"):
+        with pytest.raises(ApiError, match="holds no image"):
+            stored_image(f"{tmp_path}/00000.tar:{key}", tmp_path)
+
+
 # ---------------------------------------------------------------------------- limits and keys
 
 
@@ -301,6 +327,45 @@ def test_api_key(service, built):
         for path in ("/", "/static/app.js", "/health", "/docs", "/openapi.json"):
             assert keyed.get(path).status_code == 200, path
         assert keyed.get("/health").json()["api_key_required"] is True
+
+
+def test_api_key_cookie_is_url_decoded(service, built):
+    """The page stores encodeURIComponent(key) in the cookie: keys with + / = : still open /image."""
+    from urllib.parse import quote
+
+    key = "a+b/c=d:e%f"
+    with TestClient(create_app(service, api_key=key)) as keyed:
+        keyed.cookies.set("vlp_api_key", quote(key, safe=""))  # what encodeURIComponent writes
+        assert keyed.get("/image/pairs/0").status_code == 200
+        keyed.cookies.set("vlp_api_key", quote("a+b/c=d:e%g", safe=""))
+        error_of(keyed.get("/image/pairs/0"), 401, "unauthorized")
+        assert keyed.get("/indexes", headers={"X-API-Key": key}).status_code == 200
+
+
+def test_batcher_close_fails_waiting_queries():
+    """Queries being embedded or still queued when the batcher closes fail with a clear error, not hang."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, release = threading.Event(), threading.Event()
+
+    def encode(texts):
+        started.set()
+        release.wait(10)
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def scenario():
+        batcher = TextBatcher(encode, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.0)
+        tasks = [asyncio.ensure_future(batcher.encode(f"q{i}")) for i in range(3)]
+        while not started.is_set():  # q0 is in the model's thread, q1 and q2 are queued
+            await asyncio.sleep(0.001)
+        await batcher.close()
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+    results = asyncio.run(scenario())
+    assert [str(r) for r in results] == ["the text query was not embedded: the server is shutting down"] * 3
+    assert all(isinstance(r, RuntimeError) for r in results)
 
 
 def test_text_batcher_batches_concurrent_queries():

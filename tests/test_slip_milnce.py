@@ -100,6 +100,21 @@ def test_milnce_with_one_caption_each_is_symmetric_bag_of_one():
     assert torch.allclose(loss, naive_milnce(f["image"], f["text"][:B], list(range(B)), SCALE), atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_milnce_of_one_image_has_finite_gradients():
+    f = _features()
+    image = f["image"][:1].clone().requires_grad_()
+    text = f["text"][:2].clone().requires_grad_()
+    owner = torch.tensor([0, 0])  # no other image, so no (other image, caption) negatives
+    scale = torch.tensor(SCALE, requires_grad=True)
+    with torch.autograd.detect_anomaly():  # no NaN anywhere in the backward pass, not only in the leaves' grads
+        loss = create_loss("milnce")(image_features=image, text_features=text, logit_scale=scale,
+                                     text_image_index=owner)["contrastive_loss"]
+        loss.backward()
+    assert torch.allclose(loss, naive_milnce(f["image"][:1], f["text"][:2], [0, 0], SCALE), atol=1e-6)
+    assert torch.isfinite(image.grad).all() and torch.isfinite(text.grad).all() and torch.isfinite(scale.grad)
+
+
 def _local(f: dict, rank: int, world: int) -> dict:
     """This rank's images (B / W consecutive rows), their captions and views, with gradients on."""
     rows = range(rank * B // world, (rank + 1) * B // world)

@@ -48,3 +48,29 @@ def test_tracker_names_and_one_line_errors():
         if importlib.util.find_spec(name) is None:
             with pytest.raises(ConfigError, match=f"needs the {name} package: pip install {name} "):
                 check_log_with(name)
+
+
+def test_unreachable_wandb_logs_offline_without_touching_the_environment(tmp_path, monkeypatch):
+    import importlib.machinery
+    import os
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from accelerate import PartialState
+
+    from vlpretrain.training import trackers
+
+    PartialState()  # Accelerate's trackers log through its logger, which needs the (one-process) state
+    calls = []
+    fake = ModuleType("wandb")  # wandb is not installed here: a stand-in that records what the tracker asks
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.config = SimpleNamespace(update=lambda values, **kwargs: None)
+    fake.init = lambda **kwargs: calls.append(kwargs) or SimpleNamespace(log=lambda *a, **k: None,
+                                                                           finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(trackers, "_reachable", lambda host: False)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path / "run", tmp_path / "pairs.csv", log_with="wandb"))
+    trackers.open_trackers(recipe, tmp_path / "run").close()
+    assert [(c["project"], c["dir"], c["mode"]) for c in calls] == [("run", str(tmp_path / "run"), "offline")]
+    assert "WANDB_MODE" not in os.environ

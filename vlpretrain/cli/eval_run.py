@@ -9,9 +9,10 @@ import functools
 from pathlib import Path
 from typing import Callable
 
+from ..inference_precision import PRECISIONS
 from .options import add_progress_option
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = tuple(PRECISIONS)
 
 
 def add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,7 @@ def add_parsers(tasks) -> None:
                         "for several")
     r.add_argument("--models", default=None, metavar="FILE", help="a text file with one [NAME=]SPEC per line")
     r.add_argument("--out", default=None,
-                   help="output folder (default: results/eval/<suite>/<model folder name>; with several models, "
+                   help="output folder (default: results/eval/<suite>/<model name>; with several models, "
                         "one subfolder per model)")
     r.add_argument("--output", default=None, metavar="TEMPLATE",
                    help="one file per result instead, e.g. 'results/{dataset}_{model}_{task}.json' (fields: dataset, "
@@ -93,11 +94,12 @@ def add_parsers(tasks) -> None:
     b.add_argument("--markdown", default=None, metavar="FILE", help="also both tables as markdown")
     b.add_argument("--pivot", default=None, metavar="FILE", help="the pivot CSV (default: beside --out)")
     b.add_argument("--metric", default=None, help="the pivot's metric for every cell, e.g. mean_per_class_recall")
+    b.add_argument("--overwrite", action="store_true", help="replace --out / --pivot / --markdown if they exist")
     b.set_defaults(run=run_build)
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from ..evaluation.benchmark_run import format_summary, parse_models, read_models_file, run_benchmark
+    from ..evaluation.benchmark_run import file_safe, format_summary, parse_models, read_models_file, run_benchmark
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -108,7 +110,7 @@ def run_models(args: argparse.Namespace) -> int:
     if args.output:
         template = args.output
     elif len(models) == 1:
-        out = args.out or str(Path("results") / "eval" / Path(args.suite).stem / Path(models[0].spec).parent.name)
+        out = args.out or str(Path("results") / "eval" / Path(args.suite).stem / file_safe(models[0].name))
         template = str(Path(out) / "{dataset}.json")
     else:
         template = str(Path(args.out or Path("results") / "eval" / Path(args.suite).stem) / "{model}" / "{dataset}.json")
@@ -129,7 +131,7 @@ def run_build(args: argparse.Namespace) -> int:
     from ..evaluation.results_table import build_results_table
 
     built = build_results_table(args.results, out=args.out, markdown=args.markdown, pivot=args.pivot,
-                                metric=args.metric)
+                                metric=args.metric, overwrite=args.overwrite)
     print(built["markdown"].split("\n\n")[0])
     print(f"{built['results']} results" + (f"; written: {', '.join(map(str, built['written']))}" if built["written"] else ""))
     return 0

@@ -16,7 +16,14 @@ def add_parser(commands) -> None:
                                         "embedded on the fly from --model and --data).")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
+    _add_build_parser(actions)
+    _add_add_parser(actions)
+    _add_query_parser(actions)
+    _add_info_parser(actions)
+    _add_serve_parser(actions)
 
+
+def _add_build_parser(actions) -> None:
     b = actions.add_parser(
         "build", help="build an index from embedding folders, or from a model and data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,7 +41,9 @@ def add_parser(commands) -> None:
                     "are exported first and kept in OUT/embeddings (staged in OUT.embeddings-partial, so an\n"
                     "interrupted export resumes when the command is run again). WebDataset shards (a shard\n"
                     "folder, its manifest.json or 'shards/{00000..00099}.tar') are streamed, one embedding\n"
-                    "shard per input shard; hits name each sample's original path (else shard.tar:key).")
+                    "shard per input shard; hits name each sample's original path (else shard.tar:key).\n"
+                    "An ivf-ondisk build leaves glibc's malloc trim/mmap thresholds at 128 KiB for the rest\n"
+                    "of the process (so freed buffers return to the system).")
     b.add_argument("embeddings", nargs="*", metavar="EMB_DIR", help="embedding folders written by `vlp embed`")
     add_model_option(b, required=False, help="embed --data with this model first (checkpoint folder, recipe "
                                              ".yaml, open_clip:ARCH[/TAG] or hf:NAME)")
@@ -44,8 +53,8 @@ def add_parser(commands) -> None:
     b.add_argument("--kind", default="auto",
                    choices=["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpq-refine", "ivfsq8", "ivf-ondisk"],
                    help="index kind (default: auto, chosen from size and memory budget: flat below 1M vectors, "
-                        "ivfpq-refine (IVF-PQ re-scored with float16 vectors) above, ivf-ondisk (built shard by "
-                        "shard, lists on disk) when the vectors do not fit the budget)")
+                        "ivfsq8 (IVF over 8-bit scalar codes) above, ivf-ondisk (built shard by shard, lists on "
+                        "disk) when the vectors do not fit the budget)")
     b.add_argument("--memory-budget", default="4GB",
                    help="memory the index may take, e.g. 4GB, 512MB, 2GiB (default: 4GB)")
     b.add_argument("--modality", default="image", choices=["image", "text", "both"],
@@ -56,6 +65,8 @@ def add_parser(commands) -> None:
     add_progress_option(b)
     b.set_defaults(run=run_build)
 
+
+def _add_add_parser(actions) -> None:
     a = actions.add_parser("add", help="add embedding folders to an existing index",
                            description="Add the vectors of more embedding folders (made with the same model) to "
                                        "INDEX_DIR; ids continue, an IVF index keeps its trained quantizer, recall@10 "
@@ -66,6 +77,8 @@ def add_parser(commands) -> None:
     add_progress_option(a)
     a.set_defaults(run=run_add)
 
+
+def _add_query_parser(actions) -> None:
     q = actions.add_parser("query", help="search an index by text or image",
                            description="Print the top -k hits: rank, score, image path, caption.")
     q.add_argument("index", metavar="INDEX_DIR")
@@ -87,12 +100,16 @@ def add_parser(commands) -> None:
     q.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     q.set_defaults(run=run_query)
 
+
+def _add_info_parser(actions) -> None:
     i = actions.add_parser("info", help="describe an index: kind, size, model, search parameters, recall",
                            description="Print INDEX_DIR/info.json readably (or as JSON with --json).")
     i.add_argument("index", metavar="INDEX_DIR")
     i.add_argument("--json", action="store_true", help="print info.json as it is")
     i.set_defaults(run=run_info)
 
+
+def _add_serve_parser(actions) -> None:
     s = actions.add_parser(
         "serve", help="serve indexes over HTTP: a JSON search API and a web page",
         description="Serve INDEX folders (NAME=PATH names one; a joint index serves NAME/image and NAME/text) "

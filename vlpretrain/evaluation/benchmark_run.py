@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from ..io import write_json
 from ..progress import progress_bar
+from .results_table import read_result
 from .suite import CLIP_TASK_NAMES, SuiteResult, load_suite, run_task, task_line, write_summary
 
 __all__ = ["ModelEntry", "BenchmarkOutcome", "TEMPLATE_FIELDS", "parse_models", "read_models_file",
-           "model_slug", "run_benchmark", "format_summary"]
+           "model_slug", "file_safe", "run_benchmark", "format_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,44 @@ def _check_template(template: str, several_models: bool, several_tasks: bool) ->
                              f"add {{{needed}}}, e.g. results/{{dataset}}_{{model}}_{{task}}.json")
 
 
+# How to rename a template field whose value would be '.' or '..' (a folder, not a file name part).
+_RENAME = {"model": "give the model another NAME with --model NAME=SPEC", "dataset": "rename the suite's task",
+           "pretrained": "leave {pretrained} out of the template"}
+
+
+def file_safe(value: str, field: str = "model") -> str:
+    """``value`` as one part of a file path: ``/``, ``\\``, ``:`` and spaces as ``_``; ``.`` and ``..`` (which
+    would name a folder, or leave the output folder) are a one-line error naming ``field``.
+
+    Example:
+        >>> file_safe("open_clip:ViT-B-32/openai")
+        'open_clip_ViT-B-32_openai'
+    """
+    safe = re.sub(r"[/\\:\s]+", "_", str(value)).strip("_")
+    if safe in (".", ".."):
+        raise ValueError(f"{field} {value!r} cannot be part of a file path ('.' and '..' name folders): "
+                         f"{_RENAME.get(field, 'choose another --output template')}")
+    return safe
+
+
 def _output_path(template: str, **fields: str) -> Path:
-    safe = {k: re.sub(r"[/\\:\s]+", "_", str(v)).strip("_") for k, v in fields.items()}
-    return Path(template.format(**safe))
+    return Path(template.format(**{k: file_safe(v, k) for k, v in fields.items()}))
+
+
+def _fields(entry: ModelEntry, task: dict, suite: str, precision: str) -> dict[str, str]:
+    return dict(dataset=task["name"], model=entry.name, pretrained=entry.spec if entry.alias else "",
+                task=CLIP_TASK_NAMES.get(task["task"], task["task"]), language="en", suite=suite, precision=precision)
+
+
+def _refusal(path: Path) -> Optional[str]:
+    """Why a result may not be written to ``path`` (a file there that is not one of our results), or None."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        read_result(path)
+    except (ValueError, OSError) as e:
+        return f"{_reason(e)}; not replaced: move it away or choose another --output"
+    return None
 
 
 def _reason(error: BaseException) -> str:
@@ -155,16 +191,14 @@ def run_benchmark(suite_path: Union[str, Path], models: Sequence[ModelEntry], ou
         if template:
             _check_template(template, len(models) > 1, len(tasks) > 1)
     outcome = BenchmarkOutcome(models=[m.name for m in models], datasets=[t["name"] for t in tasks])
+    # every path first: a bad name is refused before any model loads
+    fields = {(m.name, t["name"]): _fields(m, t, suite["name"], precision) for m in models for t in tasks}
+    paths = {key: _output_path(output, **f) for key, f in fields.items()}
+    clfs = {key: {k: str(_output_path(v, **f)) if v else None for k, v in (("save_clf", save_clf),
+                                                                           ("load_clf", load_clf))}
+            for key, f in fields.items()}
     for entry in models:
-        fields = lambda task: dict(dataset=task["name"], model=entry.name, pretrained=entry.spec if entry.alias else "",
-                                   task=CLIP_TASK_NAMES.get(task["task"], task["task"]), language="en",
-                                   suite=suite["name"], precision=precision)
-        paths = {t["name"]: _output_path(output, **fields(t)) for t in tasks}
-        todo = [t for t in tasks if not (skip_existing and paths[t["name"]].is_file())]
-        for t in tasks:
-            if t not in todo:
-                outcome.existing[(entry.name, t["name"])] = paths[t["name"]]
-                print(f"{entry.name} / {t['name']}: exists, skipped ({paths[t['name']]})")
+        todo = _plan(entry.name, tasks, paths, skip_existing, outcome)
         if not todo:
             continue
         try:
@@ -176,19 +210,19 @@ def run_benchmark(suite_path: Union[str, Path], models: Sequence[ModelEntry], ou
             continue
         result = SuiteResult()
         if summary_folders:  # the summary lists the results kept from before too
-            kept = {t["name"]: _read_report(paths[t["name"]]) for t in tasks if t not in todo}
+            kept = {t["name"]: _read_report(paths[(entry.name, t["name"])]) for t in tasks
+                    if (entry.name, t["name"]) in outcome.existing}
             result.results.update({name: report for name, report in kept.items() if report is not None})
         bar = progress_bar(todo, desc=entry.name, unit="task", enabled=progress)
         for task in bar:
-            key, path = (entry.name, task["name"]), paths[task["name"]]
+            key = (entry.name, task["name"])
+            path = paths[key]
             bar.set_postfix(dataset=task["name"])
-            clf = {k: str(_output_path(v, **fields(task))) if v else None for k, v in (("save_clf", save_clf),
-                                                                                         ("load_clf", load_clf))}
             try:
                 with inference_precision(precision):
                     report = run_task(task, model, entry.name if entry.alias else entry.spec, progress,
                                       confusion_png=path.with_suffix(".confusion.png") if summary_folders else None,
-                                      batch_size=batch_size, recall_k=recall_k, **clf)
+                                      batch_size=batch_size, recall_k=recall_k, **clfs[key])
             except MissingSourceError as e:
                 if not task.get("optional"):
                     outcome.failed[key] = _reason(e)
@@ -210,22 +244,36 @@ def run_benchmark(suite_path: Union[str, Path], models: Sequence[ModelEntry], ou
             print(f"{entry.name} / {task_line(task['name'], report)} -> {path}")
         bar.close()
         if summary_folders:
-            write_summary(result, suite["name"], entry.spec, paths[tasks[0]["name"]].parent)
+            write_summary(result, suite["name"], entry.spec, paths[(entry.name, tasks[0]["name"])].parent)
+        del model  # released before the next model loads: one model in memory at a time
     return outcome
+
+
+def _plan(name: str, tasks: Sequence[dict], paths: dict[tuple[str, str], Path], skip_existing: bool,
+          outcome: BenchmarkOutcome) -> list[dict]:
+    """The tasks to run for model ``name``: not those whose result exists (``skip_existing``), nor those whose
+    path holds a file that is not a result (named as failed: a user's file is never replaced)."""
+    todo = []
+    for t in tasks:
+        key, path = (name, t["name"]), paths[(name, t["name"])]
+        if skip_existing and path.is_file():
+            outcome.existing[key] = path
+            print(f"{name} / {t['name']}: exists, skipped ({path})")
+        elif (refusal := _refusal(path)) is not None:
+            outcome.failed[key] = refusal
+            print(f"FAILED {name} / {t['name']}: {refusal}")
+        else:
+            todo.append(t)
+    return todo
 
 
 def _read_report(path: Path) -> Optional[dict]:
     """A kept result, or None (logged) when the file is not one: it stays out of the summary, untouched."""
-    import json
-
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        report = {"error": str(e)}
-    if isinstance(report, dict) and isinstance(report.get("metrics"), dict) and "task" in report:
-        return report
-    logger.warning("%s is not an evaluation result; left out of the summary", path)
-    return None
+        return read_result(path)
+    except (OSError, ValueError):
+        logger.warning("%s is not an evaluation result; left out of the summary", path)
+        return None
 
 
 def _headline(report: dict) -> str:

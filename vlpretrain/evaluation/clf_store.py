@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..inference_precision import current_precision
 from ..io import atomic_write
 from ..retrieval.signature import check_same_model, model_signature
 
@@ -30,6 +31,9 @@ def save_classifier(path: Union[str, Path], classifier: Any, model: Any, model_s
     """Write ``classifier.weights`` (a :class:`~vlpretrain.evaluation.zeroshot.ZeroShotClassifier`) to ``path``
     atomically, with its class names, templates and ``model``'s signature in the header.
 
+    Raises:
+        ValueError: weights that are not all finite (one line, naming the file; nothing is written).
+
     Example:
         >>> save_classifier("clf/emoji.safetensors", clf, model, "runs/demo/final")
         PosixPath('clf/emoji.safetensors')
@@ -40,6 +44,9 @@ def save_classifier(path: Union[str, Path], classifier: Any, model: Any, model_s
               "templates": json.dumps(classifier.templates),
               "signature": json.dumps(model_signature(model, model_spec))}
     weights = classifier.weights.detach().float().cpu().contiguous()
+    if not weights.isfinite().all():  # fp16 / bf16 prompt encodings can overflow: such weights score nothing
+        raise ValueError(f"--save-clf: {path}: the class weights hold NaN or inf (prompts encoded in "
+                         f"{current_precision()}; fp16 / bf16 can overflow); not saved: rerun with --precision fp32")
     return atomic_write(Path(path), lambda tmp: save_file({"weights": weights}, str(tmp), metadata=header))
 
 
@@ -68,6 +75,10 @@ def load_classifier(path: Union[str, Path], model: Any, classnames: Sequence[str
     if header.get("format") != CLF_FORMAT or weights is None:
         raise ValueError(f"--load-clf: {path} is not a saved zero-shot classifier (format "
                          f"{header.get('format')!r}, expected {CLF_FORMAT!r}); write it with --save-clf")
+    missing = [key for key in ("signature", "classnames") if key not in header]
+    if missing:
+        raise ValueError(f"--load-clf: {path}: its header has no {' or '.join(missing)} (damaged, or not written by "
+                         f"--save-clf); save a new one with --save-clf")
     check_same_model(json.loads(header["signature"]), model, f"--load-clf: {path}", model_spec, made="was made with",
                      advice="load it with that model, or save a new one with --save-clf")
     stored = json.loads(header["classnames"])

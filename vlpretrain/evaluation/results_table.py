@@ -12,17 +12,16 @@ Example:
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..io import write_csv, write_text
+from ..io import read_json, write_csv, write_text
 
-__all__ = ["ID_COLUMNS", "PIVOT_METRICS", "read_results", "results_rows", "pivot_rows", "markdown_table",
-           "build_results_table"]
+__all__ = ["ID_COLUMNS", "PIVOT_METRICS", "RESULT_KEYS", "read_result", "read_results", "results_rows", "pivot_rows",
+           "markdown_table", "build_results_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,22 @@ _RECALL = re.compile(r"^(image|text)_retrieval_recall@(\d+)$")
 # The pivot's one number per (model, data set): what CLIP_benchmark's published tables show.
 PIVOT_METRICS = {"zeroshot_classification": "acc1", "linear_probe": "acc1", "knn": "acc1",
                  "zeroshot_retrieval": "image_retrieval_recall@5"}
-_SHAPE = {"dataset", "model", "task", "metrics"}
+# What every result JSON of ours holds (``metrics`` an object): the one test of "is this a result".
+RESULT_KEYS = ("dataset", "metrics", "model", "task")
+
+
+def read_result(path: Union[str, Path]) -> dict:
+    """The evaluation result JSON at ``path``; a file that is not JSON, or not a result, is a one-line
+    ValueError naming it (an unreadable path an OSError).
+
+    Example:
+        >>> read_result("results/eval/demo/demo-emoji/emoji-categories.json")["metrics"]["acc1"]
+        0.62
+    """
+    data = read_json(path)
+    if not (isinstance(data, dict) and set(RESULT_KEYS) <= set(data) and isinstance(data["metrics"], dict)):
+        raise ValueError(f"{path}: not an evaluation result (needs {', '.join(RESULT_KEYS)})")
+    return data
 
 
 def read_results(specs: Sequence[Union[str, Path]]) -> list[tuple[Path, dict]]:
@@ -58,15 +72,10 @@ def read_results(specs: Sequence[Union[str, Path]]) -> list[tuple[Path, dict]]:
     results, ignored = [], 0
     for path, named in dict.fromkeys(found):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+            data = read_result(path)
+        except ValueError:
             if named:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            ignored += 1
-            continue
-        if not (isinstance(data, dict) and _SHAPE <= set(data) and isinstance(data["metrics"], dict)):
-            if named:
-                raise ValueError(f"{path}: not an evaluation result (needs {', '.join(sorted(_SHAPE))})")
+                raise
             ignored += 1
             continue
         results.append((path, data))
@@ -164,24 +173,36 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], percent
 
 def build_results_table(specs: Sequence[Union[str, Path]], out: Optional[Union[str, Path]] = None,
                         markdown: Optional[Union[str, Path]] = None, pivot: Optional[Union[str, Path]] = None,
-                        metric: Optional[str] = None) -> dict[str, Any]:
+                        metric: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
     """Merge results into ``out`` (a CSV, or markdown when it ends in ``.md``), the pivot into ``pivot`` (CSV;
     default beside a CSV ``out``: ``NAME.pivot.csv``) and both tables into ``markdown``. Returns the tables
-    and the paths written.
+    and the paths written. A file already there is a one-line error, and nothing is written, unless
+    ``overwrite``.
 
     Example:
         >>> build_results_table(["results/"], out="results/table.csv", markdown="results/table.md")["written"]
         [PosixPath('results/table.csv'), PosixPath('results/table.pivot.csv'), PosixPath('results/table.md')]
     """
+    if out is not None and Path(out).suffix.lower() == ".md":
+        markdown, out = out, None
+    if out is not None:
+        pivot = pivot or Path(out).with_suffix(".pivot.csv")
+    targets = [(name, Path(path)) for name, path in (("--out", out), ("--pivot", pivot), ("--markdown", markdown))
+               if path is not None]
+    # checked before reading anything, so a refusal leaves every file as it was (as `vlp plot` does)
+    for name, path in targets:
+        if path.is_dir():
+            raise ValueError(f"{name} {path}: is a folder; give a file name")
+    existing = [(name, path) for name, path in targets if path.exists()]
+    if existing and not overwrite:
+        name, path = existing[0]
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another {name}")
     results = read_results(specs)
     long_table, pivot_table = results_rows(results), pivot_rows(results, metric)
     text = (f"{markdown_table(*pivot_table)}\n\n{markdown_table(*long_table)}\n")
     written = []
-    if out is not None and Path(out).suffix.lower() == ".md":
-        markdown, out = out, None
     if out is not None:
         written.append(write_csv(out, *long_table))
-        pivot = pivot or Path(out).with_suffix(".pivot.csv")
     if pivot is not None:
         written.append(write_csv(pivot, *pivot_table))
     if markdown is not None:

@@ -66,6 +66,10 @@ class MilNceLoss(nn.Module):
         image_to_text = logit_scale * image_features @ all_text.T  # (B, T_all)
         positive = all_owner[None, :] == rows[:, None]
         numerator = image_to_text.masked_fill(~positive, float("-inf")).logsumexp(dim=1)
+        if all_image.shape[0] == 1:
+            # One image in the global batch: no other images, so no such term (a logsumexp over nothing but
+            # -inf would give NaN gradients). Every process sees the same global size.
+            return {"contrastive_loss": (image_to_text.logsumexp(dim=1) - numerator).mean()}
         # Other images against each local caption (its own image's column masked out), pooled per image.
         text_to_image = logit_scale * text_features @ all_image.T  # (T, W*B)
         own = torch.nn.functional.one_hot(local_owner + get_rank() * batch, all_image.shape[0]).bool()

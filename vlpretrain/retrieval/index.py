@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from .index_files import (
     EMBEDDINGS_NAME,
     FORMAT,
     META_NAME,
+    MetaRows,
     check_destination,
     link_or_copy,
     read_faiss,
@@ -71,6 +73,8 @@ class RetrievalIndex:
         self.path = Path(path)
         self.index = index
         self._meta = meta  # None: read from meta.parquet when first needed (on-disk indexes)
+        self._meta_lock = threading.Lock()
+        self._meta_rows = MetaRows(self.path / META_NAME)  # searches of an on-disk index read only their rows
         self.info = info
         self._model = model
         self._model_spec = model_spec
@@ -82,16 +86,32 @@ class RetrievalIndex:
 
     @property
     def meta(self):
-        """meta.parquet as a DataFrame, one row per vector in id order."""
+        """meta.parquet as a DataFrame, one row per vector in id order (an on-disk index reads it whole
+        here, once; its searches read only the rows of their hits, see :meth:`meta_rows`)."""
         if self._meta is None:
             import pandas as pd
 
-            self._meta = pd.read_parquet(self.path / META_NAME)
+            with self._meta_lock:  # two threads' first searches read it once
+                if self._meta is None:
+                    self._meta = pd.read_parquet(self.path / META_NAME)
         return self._meta
+
+    def meta_rows(self, ids) -> Any:
+        """The meta rows of ``ids`` (a DataFrame, in the order given); an on-disk index whose metadata is
+        not loaded reads only the parquet row groups that hold them.
+
+        Example:
+            >>> index.meta_rows([17])["caption"].iloc[0]
+            'red heart'
+        """
+        meta = self._meta
+        return meta.iloc[np.asarray(ids, dtype=np.int64)] if meta is not None else self._meta_rows(ids)
 
     @meta.setter
     def meta(self, value) -> None:
         self._meta = value
+        if value is None:  # the folder was rewritten: row groups are read afresh
+            self._meta_rows = MetaRows(self.path / META_NAME)
 
     @property
     def ntotal(self) -> int:
@@ -118,7 +138,8 @@ class RetrievalIndex:
         warning when cross-modal queries lose recall. ``out`` is replaced atomically; it must be
         missing, empty or an index folder (anything else is refused), and one build or add at a time
         writes it (:func:`vlpretrain.io.folder_lock`). Temporary folders of killed builds of ``out``
-        are removed first.
+        are removed first. An ivf-ondisk build leaves glibc's malloc trim and mmap thresholds at 128 KiB
+        for the rest of the process (see :func:`.ondisk.returning_allocators`).
 
         Example:
             >>> index = RetrievalIndex.build(["emb/part1", "emb/part2"], "indexes/all", kind="auto",
@@ -305,7 +326,7 @@ class RetrievalIndex:
 
     def _reload(self) -> None:
         fresh = RetrievalIndex.load(self.path)
-        self.index, self.meta, self.info = fresh.index, fresh.meta, fresh.info
+        self.index, self.meta, self.info = fresh.index, fresh._meta, fresh.info
 
     def _grow(self, vectors: np.ndarray, meta, skipped: int, sets: list, start: float, progress: bool) -> None:
         import pandas as pd
@@ -459,7 +480,7 @@ class RetrievalIndex:
             return []
         wanted = max(int(k), int(rerank or 0))
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(wanted, self.ntotal))
-        results = [make_hits(self.meta, row_scores, row_ids) for row_scores, row_ids in zip(scores, ids)]
+        results = [make_hits(self.meta_rows, row_scores, row_ids) for row_scores, row_ids in zip(scores, ids)]
         if rerank is not None:
             results = [rerank_hits(self._get_model(), query, hits, int(rerank), int(k), rerank_score)
                        for query, hits in zip(texts if texts is not None else images, results)]

@@ -28,7 +28,7 @@ from ..io import check_replaceable, old_sibling, read_manifest, write_json
 __all__ = ["FORMAT", "INDEX_NAME", "META_NAME", "INFO_NAME", "JOINT_NAME", "EMBEDDINGS_NAME", "finish_index_folder",
            "BUSY_ADVICE", "sha256_file",
            "link_or_copy", "check_destination", "remove_stale_temp_folders", "write_index_folder", "read_info",
-           "read_faiss"]
+           "read_faiss", "MetaRows"]
 
 FORMAT = "vlpretrain-index-v1"
 INDEX_NAME = "index.faiss"
@@ -163,3 +163,37 @@ def read_faiss(path: Path, info: dict[str, Any]):
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError:
         raise ValueError(corrupt) from None
+
+
+class MetaRows:
+    """Rows of a meta.parquet by id, reading only the row groups that hold them from the memory-mapped
+    file (an on-disk index's metadata can be larger than memory; its writer makes a row group per shard).
+    Thread-safe: one read at a time.
+
+    Example:
+        >>> MetaRows(Path("indexes/big/meta.parquet"))([17, 3])["caption"].tolist()
+        ['red heart', 'a cat']
+    """
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self._lock, self._file, self._starts = path, threading.Lock(), None, None
+
+    def __call__(self, ids) -> Any:
+        import pyarrow.parquet as pq
+
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            if self._file is None:
+                self._file = pq.ParquetFile(str(self.path), memory_map=True)
+                sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
+                self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            groups = np.searchsorted(self._starts, ids, side="right") - 1
+            wanted = np.unique(groups)
+            table = self._file.read_row_groups(wanted.tolist())
+        # Where each wanted group starts in the table read, then each id's place in it.
+        sizes = self._starts[wanted + 1] - self._starts[wanted]
+        base = dict(zip(wanted.tolist(), np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()))
+        places = np.array([base[g] for g in groups.tolist()], dtype=np.int64) + ids - self._starts[groups]
+        return table.take(places).to_pandas()

@@ -71,8 +71,10 @@ def make_hits(meta, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]
     """
     found = ids >= 0
     hits = []
-    # One frame lookup per query, not per hit: row-wise iloc on a mixed-type frame is slow.
-    for score, i, values in zip(scores[found], ids[found], meta.iloc[ids[found]].to_dict("records")):
+    # One frame lookup per query, not per hit: row-wise iloc on a mixed-type frame is slow. ``meta`` may
+    # also be a function of the ids giving their rows (an on-disk index reads only those).
+    rows = meta(ids[found]) if callable(meta) else meta.iloc[ids[found]]
+    for score, i, values in zip(scores[found], ids[found], rows.to_dict("records")):
         values = {c: plain(v) for c, v in values.items()}
         hit = {"rank": len(hits) + 1, "score": float(score), "id": int(i), "image": values.pop("image"),
                "caption": values.pop("caption"), "row": int(values.pop("row"))}

@@ -28,7 +28,7 @@ from .index import RetrievalIndex, _claim
 from .index_files import BUSY_ADVICE, EMBEDDINGS_NAME, JOINT_NAME, link_or_copy
 from .index_sources import EmbeddingsLike
 
-__all__ = ["JointIndex", "JOINT_FORMAT", "PARTS", "is_joint", "open_index"]
+__all__ = ["JointIndex", "JOINT_FORMAT", "PARTS", "is_joint", "part_folders", "open_index"]
 
 JOINT_FORMAT = "vlpretrain-joint-index-v1"
 PARTS = ("image", "text")
@@ -37,6 +37,25 @@ PARTS = ("image", "text")
 def is_joint(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a joint index folder (it holds joint.json)."""
     return (Path(path) / JOINT_NAME).is_file()
+
+
+def part_folders(path: Union[str, os.PathLike]) -> dict[str, Path]:
+    """The index folder of each part of the joint index ``path``, from its joint.json (format checked).
+
+    Example:
+        >>> part_folders("indexes/emoji-joint")
+        {'image': PosixPath('indexes/emoji-joint/image'), 'text': PosixPath('indexes/emoji-joint/text')}
+    """
+    path = Path(path)
+    if not (path / JOINT_NAME).is_file():
+        raise FileNotFoundError(f"{path} has no {JOINT_NAME}: not a joint index; build one with "
+                                f"`vlp index build ... --modality both`")
+    info = read_manifest(path / JOINT_NAME, JOINT_FORMAT, "rebuild it with `vlp index build --modality both`")
+    parts = info.get("parts")
+    if not isinstance(parts, dict) or any(not isinstance(parts.get(part), str) for part in PARTS):
+        raise ValueError(f"{path / JOINT_NAME}: 'parts' must name the {' and '.join(PARTS)} folders; rebuild it "
+                         f"with `vlp index build --modality both`")
+    return {part: path / parts[part] for part in PARTS}
 
 
 def open_index(path: Union[str, os.PathLike], model=None, model_spec: Optional[str] = None):
@@ -146,13 +165,10 @@ class JointIndex:
             >>> JointIndex.load("indexes/emoji-joint", model_spec="/models/demo/final")
         """
         path = Path(path)
-        if not (path / JOINT_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {JOINT_NAME}: not a joint index; build one with "
-                                    f"`vlp index build ... --modality both`")
-        info = read_manifest(path / JOINT_NAME, JOINT_FORMAT, "rebuild it with `vlp index build --modality both`")
-        parts = {part: RetrievalIndex.load(path / info["parts"][part], model=model, model_spec=model_spec)
-                 for part in PARTS}
-        return cls(path, parts, info)
+        parts = {part: RetrievalIndex.load(folder, model=model, model_spec=model_spec)
+                 for part, folder in part_folders(path).items()}
+        return cls(path, parts, read_manifest(path / JOINT_NAME, JOINT_FORMAT,
+                                              "rebuild it with `vlp index build --modality both`"))
 
     def _share_model(self, wanted: RetrievalIndex) -> None:
         """Let ``wanted`` use the model another part has loaded already, so it is loaded once."""

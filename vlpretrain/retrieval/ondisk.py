@@ -195,7 +195,9 @@ def _plan(n: int, dim: int, budget: int) -> dict[str, int]:
 
 
 def _queries(sets: list, modality: str, raw_total: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Measure and tune queries of both modalities (same-modality ones drawn from the indexed shards)."""
+    """Measure and tune queries of both modalities (same-modality ones drawn from the indexed shards).
+    With at most MEASURE_QUERIES of a modality the tune queries are the measured ones (recorded in info.json
+    as ``recall@10.tune_overlaps_measure``)."""
     wanted = min(raw_total, MEASURE_QUERIES + TUNE_QUERIES)
     same = _sample_rows(sets, modality, np.sort(rng.choice(raw_total, size=wanted, replace=False)))
     same = rng.permutation(same)
@@ -255,25 +257,28 @@ def build_ondisk(sets: list, tmp: Path, *, modality: str, memory_budget: int, se
 
         writer = None
         code_size = faiss.extract_index_ivf(trained).code_size + 8  # codes + ids per vector
-        with progress_bar(total=n, desc=f"adding to {factory} (on disk)", unit="vec", enabled=progress) as bar:
-            for vectors, frame in _chunks(sets, modality, plan["chunk_rows"], first_source):
-                if frame is not None and len(frame):
-                    frame.insert(0, "id", np.arange(state["next_id"], state["next_id"] + len(frame), dtype=np.int64))
-                    table = pa.Table.from_pandas(frame, preserve_index=False)
-                    writer = writer or pq.ParquetWriter(str(meta_tmp), table.schema)
-                    writer.write_table(table.cast(writer.schema))
-                ids = np.arange(state["next_id"], state["next_id"] + len(vectors), dtype=np.int64)
-                if len(vectors):
-                    state["block"] = state["block"] or faiss.read_index(str(blocks / "trained.index"))
-                    state["block"].add_with_ids(vectors, ids)
-                    top.update(vectors, state["next_id"])
-                    if state["block"].ntotal * code_size >= plan["block_bytes"]:
-                        flush()
-                state["next_id"] += len(vectors)
-                bar.update(len(vectors))
-        flush()
-        if writer is not None:
-            writer.close()
+        try:
+            with progress_bar(total=n, desc=f"adding to {factory} (on disk)", unit="vec", enabled=progress) as bar:
+                for vectors, frame in _chunks(sets, modality, plan["chunk_rows"], first_source):
+                    if frame is not None and len(frame):
+                        frame.insert(0, "id", np.arange(state["next_id"], state["next_id"] + len(frame),
+                                                        dtype=np.int64))
+                        table = pa.Table.from_pandas(frame, preserve_index=False)
+                        writer = writer or pq.ParquetWriter(str(meta_tmp), table.schema)
+                        writer.write_table(table.cast(writer.schema))
+                    ids = np.arange(state["next_id"], state["next_id"] + len(vectors), dtype=np.int64)
+                    if len(vectors):
+                        state["block"] = state["block"] or faiss.read_index(str(blocks / "trained.index"))
+                        state["block"].add_with_ids(vectors, ids)
+                        top.update(vectors, state["next_id"])
+                        if state["block"].ntotal * code_size >= plan["block_bytes"]:
+                            flush()
+                    state["next_id"] += len(vectors)
+                    bar.update(len(vectors))
+            flush()
+        finally:  # an error mid-build still releases the file (atomic_write then removes it)
+            if writer is not None:
+                writer.close()
 
     atomic_write(tmp / META_NAME, add_all)
     merge_blocks(trained, names, tmp / ONDISK_NAME)
@@ -363,6 +368,11 @@ def _tune_and_measure(index, queries: dict[str, np.ndarray], top: TopK, modality
             recall[f"{which}_queries"] = round(recall_at_k(found, exact[name], RECALL_K), 4)
     recall["num_queries"] = int(sum(len(queries[n]) for n in ("measure_same", "measure_other")))
     recall["exact"] = False
+    # Too few vectors to hold out both samples: tuning reused the measured queries, so the recall is optimistic.
+    recall["tune_overlaps_measure"] = [
+        which for (measured, tuned), which in ((("measure_same", "tune_same"), modality),
+                                               (("measure_other", "tune_other"), other_modality(modality)))
+        if measured in exact and np.shares_memory(queries[measured], queries[tuned])]
     return recall, params
 
 

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -29,6 +30,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,7 +85,7 @@ class RequestGuard:
             for part in headers.get("cookie", "").split(";"):
                 name, _, value = part.strip().partition("=")
                 if name == API_KEY_COOKIE:
-                    given = value
+                    given = unquote(value)  # the page stores encodeURIComponent(key)
         return given is not None and hmac.compare_digest(given.encode(), self.api_key.encode())
 
     async def __call__(self, scope, receive, send):
@@ -194,7 +196,8 @@ def _add_routes(app: FastAPI, service: SearchService, max_k: int, max_body: int,
     @app.get("/image/{index:path}/{image_id}", summary="An indexed image, by the id of its row",
              response_class=Response, responses={200: {"content": {"image/*": {}}}})
     async def image(index: str, image_id: str) -> Response:
-        data, media_type = service.image(index, image_id)
+        # File reads, tar scans and a first read of on-disk metadata: off the event loop.
+        data, media_type = await asyncio.to_thread(service.image, index, image_id)
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/search", summary="Search an index by text, image or embedding", openapi_extra=_openapi_body())
@@ -208,7 +211,7 @@ def _add_routes(app: FastAPI, service: SearchService, max_k: int, max_body: int,
         if query.text is not None:
             hits = await service.search_text(served.name, query.text, query.k, query.rerank, query.rerank_score)
         elif upload is not None:
-            picture = decode_upload(upload, name)
+            picture = await asyncio.to_thread(decode_upload, upload, name)  # PIL decoding: off the event loop
             hits = await service.search_image(served.name, picture, query.k, query.rerank, query.rerank_score)
         else:
             if query.rerank is not None:

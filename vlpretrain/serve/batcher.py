@@ -45,7 +45,8 @@ class TextBatcher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._worker is None or self._worker.done():
             self._loop, self._queue = loop, asyncio.Queue()
-            self._worker = loop.create_task(self._run())
+            # The worker is handed its queue: an old loop's worker never takes a new loop's queries.
+            self._worker = loop.create_task(self._run(self._queue))
         return self._queue
 
     async def encode(self, text: str) -> np.ndarray:
@@ -54,8 +55,7 @@ class TextBatcher:
         await self._start().put((text, future))
         return await future
 
-    async def _take_batch(self) -> list:
-        queue = self._queue
+    async def _take_batch(self, queue: asyncio.Queue) -> list:
         batch = [await queue.get()]
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         while len(batch) < self.max_batch:
@@ -69,17 +69,23 @@ class TextBatcher:
                 batch.append(await asyncio.wait_for(queue.get(), left))
             except asyncio.TimeoutError:
                 break
+            except asyncio.CancelledError:  # close() while gathering: these queries were taken off the queue
+                _fail(batch)
+                raise
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._take_batch()
+            batch = await self._take_batch(queue)
             waiting = [(text, future) for text, future in batch if not future.cancelled()]
             if not waiting:
                 continue
             try:
                 vectors = await loop.run_in_executor(self._executor, self._encode, [t for t, _ in waiting])
+            except asyncio.CancelledError:  # close() while this batch was embedded
+                _fail(waiting)
+                raise
             except Exception as e:  # every query of the batch gets the error; the worker keeps serving
                 for _, future in waiting:
                     if not future.done():
@@ -92,7 +98,7 @@ class TextBatcher:
                     future.set_result(vector)
 
     async def close(self) -> None:
-        """Stop the worker (the app's shutdown calls it)."""
+        """Stop the worker (the app's shutdown calls it); queries still waiting fail with a RuntimeError."""
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
             try:
@@ -100,3 +106,16 @@ class TextBatcher:
             except (asyncio.CancelledError, RuntimeError):
                 pass
         self._worker = None
+        queue, self._queue = self._queue, None
+        while queue is not None and not queue.empty():
+            _fail([queue.get_nowait()])
+
+
+def _fail(waiting: list) -> None:
+    """Fail the futures of ``waiting`` (text, future) pairs that no worker will answer."""
+    for _, future in waiting:
+        if not future.done():
+            try:
+                future.set_exception(RuntimeError("the text query was not embedded: the server is shutting down"))
+            except RuntimeError:
+                pass  # its event loop is closed: nobody awaits it any more

@@ -16,17 +16,22 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
+import mimetypes
 import tarfile
 from pathlib import Path
 from typing import Optional
 
+from ..data.labelled import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+from ..data.shard_format import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from .errors import ApiError
 
-__all__ = ["IMAGE_TYPES", "stored_image", "decode_upload"]
+__all__ = ["stored_image", "decode_upload", "media_type"]
 
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-               ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+
+def media_type(name: str) -> Optional[str]:
+    """The image media type of a file name, or None when its suffix is not one of the image files data reads."""
+    suffix = Path(name).suffix.lower()
+    return mimetypes.types_map.get(suffix, f"image/{suffix[1:]}") if suffix in IMAGE_SUFFIXES else None
 
 
 def _not_found(message: str) -> ApiError:
@@ -35,14 +40,19 @@ def _not_found(message: str) -> ApiError:
 
 @functools.lru_cache(maxsize=64)
 def _tar_members(tar_path: str, mtime: float) -> dict[str, tuple[str, int, int]]:
-    """key -> (member name, data offset, size) of the image members of one shard, read once per version."""
-    members: dict[str, tuple[str, int, int]] = {}
+    """key -> (member name, data offset, size) of the image member of each sample of one shard, read once
+    per version. Keys and the image member are webdataset's, as the data readers take them (see
+    :func:`vlpretrain.data.shard_format.parse_sample`): the member path up to the first dot of its base name,
+    folders included; the first of IMAGE_EXTENSIONS a sample has is its image."""
+    from webdataset.tariterators import base_plus_ext
+
+    found: dict[str, dict[str, tuple[str, int, int]]] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
-            stem, suffix = os.path.splitext(member.name)
-            if member.isfile() and suffix.lower() in IMAGE_TYPES:
-                members.setdefault(stem, (member.name, member.offset_data, member.size))
-    return members
+            key, ext = base_plus_ext(member.name)
+            if member.isfile() and key is not None and ext.lower() in SHARD_IMAGE_EXTENSIONS:
+                found.setdefault(key, {}).setdefault(ext.lower(), (member.name, member.offset_data, member.size))
+    return {key: next(by_ext[e] for e in SHARD_IMAGE_EXTENSIONS if e in by_ext) for key, by_ext in found.items()}
 
 
 def _from_tar(tar_path: Path, key: str, what: str) -> tuple[bytes, str]:
@@ -50,12 +60,13 @@ def _from_tar(tar_path: Path, key: str, what: str) -> tuple[bytes, str]:
         members = _tar_members(str(tar_path), tar_path.stat().st_mtime)
     except (OSError, tarfile.TarError) as e:
         raise _not_found(f"{what}: its shard cannot be read ({type(e).__name__})") from None
+    # The key is only looked up in the tar's own member table, never joined to a path.
     if key not in members:
         raise _not_found(f"{what}: its shard holds no image for this sample")
     name, offset, size = members[key]
     with open(tar_path, "rb") as f:
         f.seek(offset)
-        return f.read(size), IMAGE_TYPES[os.path.splitext(name)[1].lower()]
+        return f.read(size), media_type(name) or "application/octet-stream"
 
 
 def stored_image(value: Optional[str], index_dir: Path, what: str = "image") -> tuple[bytes, str]:
@@ -71,18 +82,18 @@ def stored_image(value: Optional[str], index_dir: Path, what: str = "image") -> 
     if not value:
         raise _not_found(f"{what}: the index stores no image file for it (images held inside a data set)")
     shard, sep, key = value.rpartition(":")
-    if sep and shard.endswith(".tar") and key and "/" not in key:
+    if sep and shard.endswith(".tar") and key:
         for candidate in (Path(shard), index_dir / shard):
             if candidate.is_file():
                 return _from_tar(candidate, key, what)
         raise _not_found(f"{what}: its shard is no longer on disk")
     path = Path(value)
-    media_type = IMAGE_TYPES.get(path.suffix.lower())
-    if media_type is None:
+    kind = media_type(path.name)
+    if kind is None:
         raise _not_found(f"{what}: the stored file is not an image by its name")
     for candidate in ((path,) if path.is_absolute() else (path, index_dir / path)):
         if candidate.is_file():
-            return candidate.read_bytes(), media_type
+            return candidate.read_bytes(), kind
     raise _not_found(f"{what}: the image file is no longer on disk")
 
 

@@ -31,10 +31,8 @@ from .batcher import TextBatcher
 from .errors import ApiError
 from .image_files import stored_image
 
-__all__ = ["SearchService", "ServedIndex", "index_folders", "JOINT_FILE", "MAX_TEXT_CHARS"]
+__all__ = ["SearchService", "ServedIndex", "index_folders", "MAX_TEXT_CHARS"]
 
-JOINT_FILE = "joint.json"
-JOINT_PARTS = ("image", "text")
 MAX_TEXT_CHARS = 1000  # far beyond any tokenizer's context; refuses megabyte "queries"
 
 PathLike = Union[str, os.PathLike]
@@ -48,12 +46,14 @@ def index_folders(indexes: Union[Sequence[PathLike], Mapping[str, PathLike]]) ->
         >>> index_folders(["runs/demo/index", "pets=indexes/pets-joint"])
         [('index', PosixPath('runs/demo/index')), ('pets/image', ...), ('pets/text', ...)]
     """
+    from ..retrieval.joint_index import is_joint, part_folders
+
     pairs: list[tuple[str, Path]] = []
     items = indexes.items() if isinstance(indexes, Mapping) else [_name_and_path(p) for p in indexes]
     for name, path in items:
         path = Path(path)
-        if (path / JOINT_FILE).is_file():
-            pairs += [(f"{name}/{part}", path / part) for part in JOINT_PARTS]
+        if is_joint(path):
+            pairs += [(f"{name}/{part}", folder) for part, folder in part_folders(path).items()]
         else:
             pairs.append((name, path))
     seen: dict[str, Path] = {}
@@ -164,7 +164,7 @@ class SearchService:
         served = self.get(name)
         if not (image_id.isascii() and image_id.isdigit()) or int(image_id) >= served.index.ntotal:
             raise ApiError(404, "unknown_id", f"index '{name}' has no id {image_id!r} (ids 0..{served.index.ntotal - 1})")
-        value = served.index.meta["image"].iloc[int(image_id)]
+        value = served.index.meta_rows([int(image_id)])["image"].iloc[0]  # on-disk indexes: that row only
         return stored_image(None if value is None else str(value), served.index.path, f"id {image_id} of '{name}'")
 
     # ------------------------------------------------------------------ queries

@@ -89,6 +89,9 @@ def check_fsdp_supported(cfg: RecipeConfig, accelerator: "Accelerator") -> None:
         (cfg.loss.name == "albef" and bool(cfg.loss.momentum), "loss.momentum (ALBEF's momentum encoders)"),
         (bool(cfg.model.fusion), "model.fusion (fusion heads)"),
         (bool(cfg.data.val), "data.val (validation during training; evaluate final/ with vlp eval instead)"),
+        # The suite runs on the main process alone, but a sharded model's forward needs every process.
+        (bool(getattr(tc, "eval_suite", None)),
+         "train.eval_suite (evaluation during training; evaluate final/ with vlp eval run instead)"),
         (tc.accum_freq > 1, "train.accum_freq > 1"),
         (bool(tc.compile), "train.compile"),
         (tc.precision == "fp16", "train.precision=fp16 (use bf16 or fp32)"),

@@ -97,10 +97,10 @@ def plot_runs(series: dict[str, dict[str, dict]], out: Path) -> tuple[Path, Path
 
     Example: ``png, data = plot_runs(run_series(runs), Path("results/runs.png"))``
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas, without pyplot: the caller's backend and pyplot's figures stay as they are.
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels = [(title, ylabel, [(k, s, n) for k, s, n in lines if any(_matches(key, k) for run in series.values()
                                                                      for key in run)])
@@ -110,8 +110,10 @@ def plot_runs(series: dict[str, dict[str, dict]], out: Path) -> tuple[Path, Path
         raise ValueError("nothing to plot: the runs' metrics.jsonl hold no step records")
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(5 * columns, 3.6 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, ylabel, lines) in zip(axes.flat, panels):
         for r, (label, run) in enumerate(series.items()):
             style_index = 0
@@ -131,5 +133,4 @@ def plot_runs(series: dict[str, dict[str, dict]], out: Path) -> tuple[Path, Path
         ax.axis("off")
     fig.tight_layout()
     png = save_figure(fig, out, dpi=90)
-    plt.close(fig)
     return png, write_json(series, out.with_suffix(".json"))

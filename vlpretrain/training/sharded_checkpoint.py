@@ -77,9 +77,16 @@ def save_sharded_objects(objects: "TrainerObjects", folder: Path) -> None:
 
     from ..models.dual_encoder import CONFIG_NAME
     from .checkpoint_state import save_state_files
+    from .fsdp import sharded_first_non_finite
 
     accelerator = objects.accelerator
     rank = accelerator.process_index
+    # As save_pretrained does for unsharded weights: no shard of NaN / inf is written (every process gets the
+    # same answer, so all of them stop together).
+    bad = sharded_first_non_finite(objects.model, accelerator)
+    if bad is not None:
+        raise ValueError(f"{folder}: checkpoint not written: the weights hold NaN or inf values (e.g. {bad}); "
+                         f"resume from the last checkpoint with a lower train.lr or a train.grad_clip_norm")
     model_state = get_model_state_dict(objects.model)
     optimizer_state = get_optimizer_state_dict(objects.model, _torch_optimizer(objects.optimizer))
     save_state_files({name: _local(value) for name, value in model_state.items()}, folder, model_shard_name(rank))
@@ -154,9 +161,27 @@ def load_sharded_objects(objects: "TrainerObjects", folder: Path, listed: Collec
 
     set_model_state_dict(objects.model, {name: like(live[name], saved[name], name) for name in live})
     optimizer_state = load_state_files(folder, optimizer_shard_name(rank), listed)
+    _check_optimizer_shard(optimizer_state, live, folder / f"{optimizer_shard_name(rank)}.json")
     # Optimizer state is keyed by parameter name; each moment is laid out like its parameter.
     optimizer_state["state"] = {
         name: {key: like(live[name], value, name) if isinstance(value, torch.Tensor) and value.ndim else value
                for key, value in entry.items()}
         for name, entry in optimizer_state["state"].items()}
     set_optimizer_state_dict(objects.model, _torch_optimizer(objects.optimizer), optimizer_state)
+
+
+def _check_optimizer_shard(optimizer_state: Any, live: Collection[str], path: Path) -> None:
+    """Refuse, in one line naming ``path``, optimizer shards without a ``state`` table (of per-parameter dicts)
+    or with state for parameters this model lacks.
+
+    Example:
+        >>> _check_optimizer_shard({"state": {"w": {}}}, {"w"}, Path("optimizer_rank0.json"))
+    """
+    fix = "resume with the recipe that wrote the checkpoint, or start over with train.overwrite=true"
+    state = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(entry, dict) for entry in state.values()):
+        raise ValueError(f"{path}: no optimizer state table ('state' of per-parameter entries); {fix}")
+    unknown = sorted(set(state) - set(live))
+    if unknown:
+        raise ValueError(f"{path}: optimizer state for parameters this model does not have (e.g. "
+                         f"{', '.join(unknown[:3])}); {fix}")

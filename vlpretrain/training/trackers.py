@@ -107,11 +107,12 @@ def open_trackers(cfg: RecipeConfig, output_dir: Path, is_main_process: bool = T
     elif name == "wandb":
         from accelerate.tracking import WandBTracker
 
+        options: dict[str, Any] = {"dir": str(output_dir)}
         if "WANDB_MODE" not in os.environ and not _reachable("api.wandb.ai"):
             logger.info("train.log_with=wandb: the wandb servers are not reachable; logging offline to %s "
                         "(upload later with `wandb sync`)", Path(output_dir) / "wandb")
-            os.environ["WANDB_MODE"] = "offline"
-        tracker = WandBTracker(run_name, dir=str(output_dir))
+            options["mode"] = "offline"  # wandb.init's argument: this run only, the process's environment untouched
+        tracker = WandBTracker(run_name, **options)
     else:
         from accelerate.tracking import MLflowTracker
 
