@@ -136,3 +136,27 @@ def test_ondisk_small_build_records_that_tuning_reused_the_measured_queries(tmp_
     built = RetrievalIndex.build(folder, tmp_path / "index", kind="ivf-ondisk", memory_budget="100KB",
                                  progress=False)
     assert built.info["recall@10"]["tune_overlaps_measure"] == ["image"]
+
+
+def test_explicit_reads_and_bounded_search_equal_maps_and_plain_search(parts, tmp_path):
+    """The build's memory-bounding readers change no numbers: rows read with explicit reads equal
+    np.load's, and a search split into batches that drop their pages equals one plain search."""
+    from vlpretrain.retrieval.ondisk_reads import NpyRows, bounded_search
+
+    matrix = np.random.default_rng(1).normal(size=(50, DIM)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", matrix)
+    positions = np.array([0, 1, 2, 7, 8, 30, 49])  # runs of consecutive rows and gaps
+    shard = NpyRows(tmp_path / "rows.npy")
+    assert len(shard) == 50 and np.array_equal(shard.rows(positions), np.load(tmp_path / "rows.npy")[positions])
+
+    root, folders, images, ok = parts
+    out = tmp_path / "index"
+    RetrievalIndex.build(folders, out, memory_budget="100KB", progress=False)
+    index = faiss.read_index(str(out / INDEX_NAME), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    faiss.extract_index_ivf(index).nprobe = 3
+    queries = images[ok][::29]
+    plain = index.search(queries, 10)
+    with bounded_search(index, page_bytes=1):  # one query a batch, pages dropped after each
+        batched = index.search(queries, 10)
+    assert "search" not in vars(index)  # the plain method is back
+    assert (batched[1] == plain[1]).all() and (batched[0] == plain[0]).all()

@@ -7,7 +7,7 @@ Both sides are timed from the decoded-nothing state to the metrics: class weight
 image read, decoded and preprocessed with ``model.preprocess`` in the main process (no loader workers on
 either side), encoded, scored. CLIP_benchmark gets a ``DataLoader`` over the same images; its ``amp`` is
 autocast to the same dtype as our ``--precision`` (``torch.set_autocast_dtype``). Reported: images/s of each
-(the best of ``--repeats``), their ratio (ours / theirs; above 1 is faster), and both acc1 (equal in fp32).
+(the best of ``--repeats``, the two sides alternating), their ratio (ours / theirs; above 1 is faster), and both acc1 (equal in fp32).
 
     .venv/bin/pip install --no-deps clip_benchmark==1.6.2      # once; its metrics need scikit-learn (installed)
     python tools/bench_eval.py --model runs/lit-minilm-emoji/final             # writes results/bench_eval.json
@@ -31,13 +31,16 @@ import torch  # noqa: E402
 INSTALL = ".venv/bin/pip install --no-deps clip_benchmark==1.6.2"
 
 
-def _timed(run: Callable[[], dict], repeats: int) -> tuple[float, dict]:
-    best, result = float("inf"), {}
+def _timed_interleaved(runs: list[Callable[[], dict]], repeats: int) -> list[tuple[float, dict]]:
+    """Best time and last result of each run, the runs alternating (A B A B ...) so that a change in the
+    machine's load during the benchmark falls on both sides."""
+    best = [(float("inf"), {}) for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            result = run()
+            best[i] = (min(best[i][0], time.perf_counter() - start), result)
+    return best
 
 
 class _Images(torch.utils.data.Dataset):
@@ -124,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(images)
     ours(args.batch_size), theirs(args.batch_size)  # warm-up (allocator, kernels) of both on one batch
-    ours_s, ours_m = _timed(lambda: ours(n), args.repeats)
-    theirs_s, theirs_m = _timed(lambda: theirs(n), args.repeats)
+    (ours_s, ours_m), (theirs_s, theirs_m) = _timed_interleaved([lambda: ours(n), lambda: theirs(n)], args.repeats)
     result: dict[str, Any] = {
         "command": "python tools/bench_eval.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "model": args.model, "data": args.data, "images": n, "classes": len(keys), "templates": len(templates),

@@ -9,7 +9,7 @@ never answers for the encoder. Concurrent queries are embedded together by the s
 ``--generate N`` first builds (once; reused after) an index of N generated vectors signed by INDEX's
 model, and benchmarks that one: unit vectors drawn around INDEX's own vectors (a seeded Gaussian
 mixture), written as an embedding folder and built by `RetrievalIndex.build` (``--kind``, default
-auto: HNSW at 1M vectors). Building 1M vectors takes minutes on a few cores; the benchmark itself is
+auto: IVF-SQ8 at 1M vectors). Building 1M vectors takes minutes on a few cores; the benchmark itself is
 bounded by ``--seconds``. Results are merged into ``--out`` under a label per index.
 
     python tools/bench_serve.py runs/demo-emoji/index                          # the demo index

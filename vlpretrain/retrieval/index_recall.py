@@ -19,7 +19,7 @@ import numpy as np
 
 from .faiss_index import exact_search, recall_at_k, set_search_params, tune_search_params
 
-__all__ = ["RECALL_K", "MEASURE_QUERIES", "TUNE_QUERIES", "shard_arrays", "sample_other", "query_ids", "split_other",
+__all__ = ["RECALL_K", "MEASURE_QUERIES", "TUNE_QUERIES", "sample_other", "query_ids", "split_other",
            "measure", "other_modality", "tune", "recall_warnings"]
 
 RECALL_K = 10
@@ -30,16 +30,14 @@ TEXT_RECALL_FLOOR = 0.9
 TEXT_RECALL_GAP = 0.05
 
 
-def shard_arrays(emb, modality: str) -> list[np.ndarray]:
-    """Memory-mapped shard arrays of one modality (so sampling queries reads only the rows it needs)."""
-    shards = range(int(emb.manifest["num_shards"]))
-    return [np.load(emb.path / modality / f"{k:06d}.npy", mmap_mode="r") for k in shards]
-
-
 def sample_other(sets: list, modality: str, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``count`` random non-zero ``modality`` embeddings of ``sets`` (cross-modal queries)."""
-    arrays = [a for emb in sets if modality in emb.manifest.get("modalities", []) for a in shard_arrays(emb, modality)]
-    sizes = np.array([len(a) for a in arrays], dtype=np.int64)
+    """Up to ``count`` random non-zero ``modality`` embeddings of ``sets`` (cross-modal queries), read with
+    explicit reads (:class:`NpyRows`), so that sampling shards larger than memory maps none of them."""
+    from .ondisk_reads import NpyRows
+
+    shards = [NpyRows(emb.path / modality / f"{k:06d}.npy") for emb in sets
+              if modality in emb.manifest.get("modalities", []) for k in range(int(emb.manifest["num_shards"]))]
+    sizes = np.array([len(a) for a in shards], dtype=np.int64)
     total = int(sizes.sum())
     if total == 0:
         return np.zeros((0, 0), np.float32)
@@ -47,7 +45,8 @@ def sample_other(sets: list, modality: str, count: int, rng: np.random.Generator
     picks = np.sort(rng.choice(total, size=min(total, count + count // 10 + 8), replace=False))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     which = np.searchsorted(starts, picks, side="right") - 1
-    rows = np.stack([np.asarray(arrays[w][p - starts[w]], dtype=np.float32) for w, p in zip(which, picks)])
+    # picks are sorted, so shard by shard is the order of picks
+    rows = np.concatenate([shards[w].rows(picks[which == w] - starts[w]) for w in np.unique(which)])
     rows = rows[np.linalg.norm(rows, axis=1) > 0]
     return np.ascontiguousarray(rng.permutation(rows)[:count])
 

@@ -1,13 +1,15 @@
 """Indexes larger than memory: an IVF-SQ8 index built shard by shard, its inverted lists merged on disk.
 
 The embeddings are never held whole: the coarse quantizer and the 8-bit scalar codes are trained on
-a seeded sample (at most a quarter of the memory budget), the vectors are added from memory-mapped
-shards in chunks into block indexes of at most an eighth of the budget each, written to disk, and
+a seeded sample (at most a quarter of the memory budget), the vectors are read from the shards in
+chunks (explicit reads, no maps: :mod:`.ondisk_reads`) into block indexes of at most an eighth of the
+budget each, written to disk, and
 the blocks' inverted lists are merged into one ``index.ivfdata`` file as faiss's
 ``OnDiskInvertedLists`` (:func:`merge_blocks`: what ``faiss.contrib.ondisk.merge_ondisk`` does, with
 one block in memory at a time). ``index.faiss`` then holds the quantizer and the list offsets only,
 and search reads the lists it probes from the mapped file.
-Recall@10 is measured against exact search done chunk by chunk over the same shards.
+Recall@10 is measured against exact search done chunk by chunk over the same shards; the searches
+drop the list pages they mapped after each batch of queries, so the resident set stays within the budget.
 
 Example:
     >>> index, info = build_ondisk(sets, tmp, modality="image", memory_budget=parse_memory("256MB"))
@@ -30,6 +32,7 @@ from .embedding_set import shard_name
 from .faiss_index import IVF_MIN_POINTS_PER_LIST, exact_search, ivf_nlist, recall_at_k, tune_search_params
 from .index_files import INDEX_NAME, META_NAME
 from .index_recall import MEASURE_QUERIES, RECALL_K, TUNE_QUERIES, TUNE_TARGET, other_modality, sample_other
+from .ondisk_reads import NpyRows, bounded_search
 from .index_sources import meta_frame
 
 __all__ = ["ONDISK_NAME", "build_ondisk", "listed_count", "read_ondisk", "quiet_native_stdout", "TopK"]
@@ -40,6 +43,7 @@ TRAIN_SIZE = 100_000
 TRAIN_BYTES_SHARE = 4  # the training sample takes at most budget / 4
 CHUNK_BYTES_SHARE = 8  # a chunk of float32 vectors and its scores against the centroids: budget / 8
 BLOCK_BYTES_SHARE = 8  # a block index's codes and ids: budget / 8
+SEARCH_BYTES_SHARE = 8  # list pages a batch of recall queries maps at once: budget / 8
 
 
 @contextlib.contextmanager
@@ -113,12 +117,12 @@ def listed_count(emb, modality: str) -> int:
     return int(counts["text"]) if modality == "text" else int(counts["image"]) - int(counts.get("bad_images", 0))
 
 
-def _shard_array(emb, k: int, modality: str) -> np.ndarray:
+def _shard_array(emb, k: int, modality: str) -> NpyRows:
     path = emb.path / modality / shard_name(k, "npy")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the embedding folder {emb.path} is incomplete; delete it and "
                                 f"export again with `vlp embed`")
-    return np.load(path, mmap_mode="r")
+    return NpyRows(path)
 
 
 def _shards(sets: list, modality: str) -> list[tuple[int, Any, int]]:
@@ -133,7 +137,7 @@ def _sample_rows(sets: list, modality: str, positions: np.ndarray) -> np.ndarray
         stop = start + len(array)
         lo, hi = np.searchsorted(positions, [start, stop])
         if hi > lo:
-            out.append(np.asarray(array[positions[lo:hi] - start], dtype=np.float32))
+            out.append(array.rows(positions[lo:hi] - start))
         start = stop
     rows = np.concatenate(out) if out else np.zeros((0, sets[0].dim), np.float32)
     return np.ascontiguousarray(rows[np.linalg.norm(rows, axis=1) > 0])
@@ -177,10 +181,8 @@ def _chunks(sets: list, modality: str, chunk_rows: int, first_source: int) -> It
         rows = np.flatnonzero(keep)
         for lo in range(0, max(len(rows), 1), chunk_rows):
             picked = rows[lo:lo + chunk_rows]
-            # Contiguous kept rows (the usual case) are sliced, not gathered, from the mapped file.
-            part = array[picked[0]:picked[-1] + 1] if len(picked) and picked[-1] - picked[0] + 1 == len(picked) \
-                else array[picked]
-            yield np.ascontiguousarray(part, dtype=np.float32), (frame if lo == 0 else None)
+            # Contiguous kept rows (the usual case) come in one read.
+            yield array.rows(picked), (frame if lo == 0 else None)
 
 
 def _plan(n: int, dim: int, budget: int) -> dict[str, int]:
@@ -288,7 +290,8 @@ def build_ondisk(sets: list, tmp: Path, *, modality: str, memory_budget: int, se
 
     shutil.rmtree(blocks)
     index = trained
-    recall, params = _tune_and_measure(index, queries, top, modality)
+    with bounded_search(index, memory_budget // SEARCH_BYTES_SHARE):
+        recall, params = _tune_and_measure(index, queries, top, modality)
     info = {"kind": "ivf-ondisk", "factory": factory, "ntotal": int(index.ntotal), "search_params": params,
             "recall@10": recall, "ondisk_bytes": int((tmp / ONDISK_NAME).stat().st_size),
             "skipped_bad_images": int(raw_total - n) if modality == "image" else 0,
