@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlp demo --recipe lit-minilm-emoji
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Everything but the tests marked slow (end-to-end training, demo-like runs): for quick checks while editing.
 test-fast: $(STAMP)

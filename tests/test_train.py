@@ -189,8 +189,12 @@ def test_vlp_demo_end_to_end_on_the_emoji_corpus(tmp_path):
     assert 0 <= report["metrics"]["image_retrieval_recall@10"] <= 1
     # The whole corpus is indexed and the default query answered with 5 ranked captions.
     assert f"index: {tmp_path / 'demo' / 'index'} (3775 images, flat); query 'a smiling cat':" in proc.stdout
-    hits = proc.stdout.split("query 'a smiling cat':\n", 1)[1].strip().splitlines()
+    answer, serve_line = proc.stdout.split("query 'a smiling cat':\n", 1)[1].strip().split("\n\n", 1)
+    hits = answer.splitlines()
     assert [line.split(".")[0].strip() for line in hits] == ["1", "2", "3", "4", "5"]
+    # and ends with the line that serves the index
+    assert serve_line.strip() == (f"search it in a browser: vlp index serve demo={tmp_path / 'demo' / 'index'}"
+                                  "   (then open http://127.0.0.1:8000/)")
     query = subprocess.run([sys.executable, "-m", "vlpretrain.cli.main", "index", "query", str(tmp_path / "demo" / "index"),
                             "--text", "a smiling cat", "-k", "5", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert query.returncode == 0, query.stderr[-3000:]
