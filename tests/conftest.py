@@ -42,3 +42,14 @@ def reset_accelerate():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """One faiss thread while a test runs: faiss's and torch's OpenMP runtimes spin against each other on a
+    few cores, and one faiss thread is many times faster at test sizes."""
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

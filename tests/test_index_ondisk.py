@@ -12,14 +12,8 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """faiss's and torch's OpenMP runtimes spin against each other on a few cores: one faiss thread is
-    many times faster at these sizes."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+# faiss's and torch's OpenMP runtimes spin against each other on a few cores (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 from test_index import synthetic, write_embedding_folder  # noqa: E402
 from vlpretrain.retrieval.faiss_index import exact_search  # noqa: E402

@@ -12,14 +12,8 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """faiss's and torch's OpenMP runtimes spin against each other on a few cores: one faiss thread is
-    many times faster at these sizes."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+# faiss's and torch's OpenMP runtimes spin against each other on a few cores (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 from helpers import write_image_csv  # noqa: E402
 from test_index import models, run_cli, synthetic, write_embedding_folder  # noqa: E402,F401 (fixture)

@@ -73,7 +73,7 @@ def train_step(run: PreparedRun, batches: list[dict], step: int,
     """
     cfg, accelerator = run.cfg, run.accelerator
     if len(batches) > 1:
-        loss, losses = accumulate_gradients(lambda b: _forward(run, b), run.loss_fn, batches,
+        loss, losses = accumulate_gradients(lambda b: forward_batch(run.model, b), run.loss_fn, batches,
                                             total=lambda terms: _weighted_sum(cfg.loss.weight, terms),
                                             backward=accelerator.backward,
                                             no_sync=lambda: accelerator.no_sync(run.model))
@@ -81,7 +81,7 @@ def train_step(run: PreparedRun, batches: list[dict], step: int,
     else:
         batch = batches[0]
         with phase("forward"):
-            out = _forward(run, batch)
+            out = forward_batch(run.model, batch)
             distill = _momentum_targets(run, batch, step) if run.momentum is not None else {}
             losses = run.loss_fn(**out, **distill)
             loss = _weighted_sum(cfg.loss.weight, losses)
@@ -104,12 +104,6 @@ def train_step(run: PreparedRun, batches: list[dict], step: int,
             run.loss_fn.dequeue_and_enqueue(distill["momentum_image_features"], distill["momentum_text_features"])
             run.momentum.update(run.unwrapped)
     return loss, losses, True
-
-
-def _forward(run: PreparedRun, batch: dict) -> dict:
-    """The model's output dict on ``batch`` (features, logit scale / bias; fusion outputs with heads; SLIP's
-    second view, MIL-NCE's caption owners: :func:`~vlpretrain.training.objective_inputs.forward_batch`)."""
-    return forward_batch(run.model, batch)
 
 
 def _weighted_sum(weight: float, losses: dict) -> torch.Tensor:
