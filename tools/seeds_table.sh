@@ -3,7 +3,8 @@
 # LiT. Each setting trains MINUTES minutes per seed (steps from a probe run, tools/seeds.py --minutes), then
 # test retrieval R@1 / R@10 and zero-shot category balanced accuracy; mean and standard deviation per setting.
 # About 4 x (3 x (MINUTES + 1) + 1) minutes on 2 CPU cores; run alone.
-#   bash tools/seeds_table.sh [MINUTES]        -> results/seeds_table.md / .json / .png
+#   bash tools/seeds_table.sh [MINUTES]   -> results/seeds_table.md / .json (the table), results/seeds_curves.png / .json
+#                                            (seed 0's training curves from vlp plot)
 set -euo pipefail
 MINUTES="${1:-5}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -16,4 +17,4 @@ done
 "$PY" tools/seeds.py --combine runs/seeds/demo runs/seeds/slip runs/seeds/flip runs/seeds/lit \
     --out results/seeds_table.md
 "$PY" -m vlpretrain.cli.main plot runs/seeds/demo/seed_0 runs/seeds/slip/seed_0 runs/seeds/flip/seed_0 \
-    runs/seeds/lit/seed_0 --labels demo,slip,flip,lit --out results/seeds_table.png --overwrite
+    runs/seeds/lit/seed_0 --labels demo,slip,flip,lit --out results/seeds_curves.png --overwrite
