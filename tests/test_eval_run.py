@@ -184,6 +184,27 @@ def test_one_model_keeps_the_folder_layout(benchmark, two_models, tmp_path, caps
                  "--no-progress", "--skip-existing"]) == 0
     summary = (out / "summary.md").read_text()
     assert "| colours | zeroshot_classification |" in summary and "| pairs | zeroshot_retrieval |" in summary
+    # A summary or figure of the user's in the folder is never replaced: the model's tasks fail, naming the file.
+    rerun = ["eval", "run", str(benchmark / "good.yaml"), "--model", str(two_models[0]), "--out", str(out),
+             "--no-progress", "--skip-existing"]
+    png = out / "colours.confusion.png"
+    ours = png.read_bytes()
+    (out / "colours.json").unlink()
+    capsys.readouterr()
+    (out / "summary.md").write_text("# my notes\n")
+    assert main(rerun) == 1
+    assert (f"{out}/summary.md: not a summary written by vlp eval run; not replaced: move it away or choose "
+            "another --out") in capsys.readouterr().out
+    assert (out / "summary.md").read_text() == "# my notes\n" and not (out / "colours.json").exists()
+    (out / "summary.md").write_text(summary)
+    Image.new("RGB", (4, 4)).save(png)
+    theirs = png.read_bytes()
+    assert main(rerun) == 1
+    assert (f"/ colours: {png}: not a figure written by vlpretrain; not replaced: move it away or choose "
+            "another --out") in capsys.readouterr().out
+    assert png.read_bytes() == theirs and not (out / "colours.json").exists()
+    png.write_bytes(ours)
+    assert main(rerun) == 0 and (out / "colours.json").exists() and png.read_bytes() != theirs
 
 
 def test_recall_k_matches_a_direct_computation(model, benchmark):

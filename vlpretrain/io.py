@@ -132,14 +132,35 @@ def write_csv(path: PathLike, header: Sequence[Any], rows: Sequence[Sequence[Any
     return write_text(path, buffer.getvalue())
 
 
+# The PNG "Software" text chunk of every figure we write: how a rerun knows a figure it may replace is ours.
+FIGURE_SOFTWARE = "vlpretrain"
+
+
 def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
-    """Save a matplotlib figure as a PNG atomically.
+    """Save a matplotlib figure as a PNG atomically, marked as ours (``FIGURE_SOFTWARE``, see
+    :func:`is_our_figure`).
 
     Example:
         >>> save_figure(fig, "results/curve.png", dpi=100)
         PosixPath('results/curve.png')
     """
+    savefig_kwargs.setdefault("metadata", {"Software": FIGURE_SOFTWARE})
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+
+
+def is_our_figure(path: PathLike) -> bool:
+    """Whether ``path`` is a PNG written by :func:`save_figure` (its "Software" chunk); False for any other
+    file, PNG or not.
+
+    Example: ``is_our_figure("runs/eval/emoji.confusion.png")``
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == FIGURE_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def read_json(path: PathLike, advice: str = "") -> Any:
