@@ -48,9 +48,11 @@ def test_flop_utilization_and_the_peak_of_a_card(bench_train):
     bench_train.add_flop_utilization(report, 4e10, None)
     assert report["results"]["vlp"]["model_flops_utilization"] is None
     peaks = {name: bench_train.peak_bf16_tflops(name) for name in
-             ("NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA L40S", "NVIDIA L4", "Tesla T4")}
-    assert peaks == {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4,
-                     "NVIDIA L40S": 362.1, "NVIDIA L4": 121.0, "Tesla T4": None}
+             ("NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA L40S",
+              "NVIDIA L40", "NVIDIA L4", "Tesla T4")}
+    assert peaks == {"NVIDIA H100 PCIe": 756.0, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 NVL": 835.5,
+                     "NVIDIA H200": 989.4, "NVIDIA L40S": 362.1, "NVIDIA L40": 181.0, "NVIDIA L4": 121.0,
+                     "Tesla T4": None}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -27,8 +27,8 @@ trainer logs it), side by side with ratios to the first configuration:
 
 ``--flops`` also counts the model's training FLOPs per pair (forward and backward of both towers, counted once
 on the CPU by torch's ``FlopCounterMode``; the loss's B x B logits are left out) and reports each trainer's
-achieved TFLOP/s; on a GPU named in ``PEAK_BF16_TFLOPS`` (or with ``--peak-tflops``) also its model FLOPs
-utilization (MFU), the fraction of the card's dense bf16 peak:
+achieved TFLOP/s; in bf16 on a GPU named in ``PEAK_BF16_TFLOPS`` (or with ``--peak-tflops``) also its model
+FLOPs utilization (MFU), the fraction of the card's dense bf16 peak:
 
     python tools/bench_train.py --device cuda --precision amp_bf16 --model-config ViT-B-32.json --flops
 """
@@ -67,8 +67,8 @@ GPU_MEMORY_FIELD = "max_memory_allocated_mib"
 MEMORY_KEYS = ("peak_memory_mib", "peak_pss_mib", "gpu_peak_memory_mib")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, for --flops' MFU; a card
 # matches the longest name it contains ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
-                    "A10G": 70.0}
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
+                    "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0}
 _MEMORY_LABELS = {"peak_memory_mib": "RSS MiB", "peak_pss_mib": "PSS MiB", "gpu_peak_memory_mib": "GPU MiB"}
 
 
@@ -378,8 +378,8 @@ def parse_args() -> argparse.Namespace:
                         help="also count the model's training FLOPs per pair and report each trainer's achieved "
                              "TFLOP/s and, on a GPU of known peak, its model FLOPs utilization (MFU)")
     parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
-                        help="with --flops: the device's peak TFLOP/s for MFU (default: the dense bf16 peak of a GPU "
-                             "named in PEAK_BF16_TFLOPS; none on a CPU)")
+                        help="with --flops: the device's peak TFLOP/s for MFU (default with --precision amp_bf16: the "
+                             "dense bf16 peak of a GPU named in PEAK_BF16_TFLOPS; none on a CPU)")
     parser.add_argument("--out", help="results JSON (default results/bench_train.json, or "
                                       "results/bench_train_effective_batch.json with --effective-batch)")
     args = parser.parse_args()
@@ -410,10 +410,14 @@ def main() -> None:
         model_dir.mkdir()
         (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
         compare = bench_against_open_clip if args.effective_batch is None else bench_effective_batch
+        # Counted first: a model the counter cannot build fails before the (long) benchmark, not after it.
+        flops = training_flops_per_pair(model_cfg) if args.flops else None
         measured = compare(args, model_dir, work, env)
     if args.flops:
-        peak = args.peak_tflops or (peak_bf16_tflops(_gpu_name()) if args.device == "cuda" else None)
-        add_flop_utilization(measured, training_flops_per_pair(model_cfg), peak)
+        # The listed peaks are bf16's: an fp32 run has none unless given one.
+        bf16_on_gpu = args.device == "cuda" and args.precision == "amp_bf16"
+        add_flop_utilization(measured, flops, args.peak_tflops or (peak_bf16_tflops(_gpu_name()) if bf16_on_gpu
+                                                                   else None))
     # Settings the mode did not use stay out of the results file.
     unused = {"out"} | ({"effective_batch", "micro_batches", "grad_checkpointing"} if args.effective_batch is None
                         else {"batch_size"})

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 __all__ = [
-    "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "read_json", "read_manifest", "temp_folder_beside",
+    "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "FIGURE_SOFTWARE", "is_our_figure",
+    "read_json", "read_manifest", "temp_folder_beside",
     "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder", "check_replaceable",
     "folder_lock",
 ]
@@ -144,7 +145,7 @@ def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
         >>> save_figure(fig, "results/curve.png", dpi=100)
         PosixPath('results/curve.png')
     """
-    savefig_kwargs.setdefault("metadata", {"Software": FIGURE_SOFTWARE})
+    savefig_kwargs["metadata"] = {**(savefig_kwargs.get("metadata") or {}), "Software": FIGURE_SOFTWARE}
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
 
 
@@ -154,12 +155,13 @@ def is_our_figure(path: PathLike) -> bool:
 
     Example: ``is_our_figure("runs/eval/emoji.confusion.png")``
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
+        # Opening reads the chunks before the pixels (matplotlib writes its text there): nothing is decoded.
         with Image.open(path) as image:
-            return getattr(image, "text", {}).get("Software") == FIGURE_SOFTWARE
-    except (OSError, UnidentifiedImageError, ValueError):
+            return image.info.get("Software") == FIGURE_SOFTWARE
+    except Exception:  # noqa: BLE001 - any file Pillow cannot read (damaged, a decompression bomb) is not ours
         return False
 
 

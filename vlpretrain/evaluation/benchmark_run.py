@@ -161,9 +161,11 @@ def _refusal(path: Path) -> Optional[str]:
     return None
 
 
-def _figure_refusal(png: Path) -> Optional[str]:
-    """Why a confusion matrix may not be drawn to ``png`` (a file there that we did not write), or None."""
-    if not (png.exists() or png.is_symlink()) or is_our_figure(png):
+def _figure_refusal(png: Path, beside_our_result: bool) -> Optional[str]:
+    """Why a confusion matrix may not be drawn to ``png`` (a file there that we did not write), or None.
+    ``beside_our_result``: one of our results is there under the same name, so the figure was drawn with it
+    (figures from before they were marked carry only matplotlib's own mark)."""
+    if not (png.exists() or png.is_symlink()) or beside_our_result or is_our_figure(png):
         return None
     return f"{png}: not a figure written by vlpretrain; not replaced: move it away or choose another --out"
 
@@ -290,8 +292,11 @@ def _plan(name: str, tasks: Sequence[dict], paths: dict[tuple[str, str], Path], 
         if skip_existing and path.is_file():
             outcome.existing[key] = path
             print(f"{name} / {t['name']}: exists, skipped ({path})")
-        elif (refusal := _refusal(path) or (_figure_refusal(path.with_suffix(".confusion.png"))
-                                            if summary_folders else None)) is not None:
+            continue
+        refusal = _refusal(path)
+        if refusal is None and summary_folders and t["task"] == "zeroshot":  # the one kind that draws a figure
+            refusal = _figure_refusal(path.with_suffix(".confusion.png"), beside_our_result=path.exists())
+        if refusal is not None:
             outcome.failed[key] = refusal
             print(f"FAILED {name} / {t['name']}: {refusal}")
         else:
