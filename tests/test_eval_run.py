@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vlpretrain.evaluation.retrieval import retrieval_metrics
 from vlpretrain.evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from vlpretrain.inference import encode_corpus, inference_precision
 from vlpretrain.models import build_model
+from vlpretrain.io import is_our_figure
 
 from helpers import tiny_model_config
 
@@ -184,6 +186,36 @@ def test_one_model_keeps_the_folder_layout(benchmark, two_models, tmp_path, caps
                  "--no-progress", "--skip-existing"]) == 0
     summary = (out / "summary.md").read_text()
     assert "| colours | zeroshot_classification |" in summary and "| pairs | zeroshot_retrieval |" in summary
+    # A summary or figure of the user's in the folder is never replaced: the model's tasks fail, naming the file.
+    rerun = ["eval", "run", str(benchmark / "good.yaml"), "--model", str(two_models[0]), "--out", str(out),
+             "--no-progress", "--skip-existing"]
+    png = out / "colours.confusion.png"
+    ours = png.read_bytes()
+    (out / "colours.json").unlink()
+    capsys.readouterr()
+    (out / "summary.md").write_text("# my notes\n")
+    assert main(rerun) == 1
+    assert (f"{out}/summary.md: not a summary written by vlp eval run; not replaced: move it away or choose "
+            "another --out") in capsys.readouterr().out
+    assert (out / "summary.md").read_text() == "# my notes\n" and not (out / "colours.json").exists()
+    (out / "summary.md").write_text(summary)
+    csv_summary = (out / "summary.csv").read_text()
+    (out / "summary.csv").write_text("my,table\n")
+    assert main(rerun) == 1
+    assert f"{out}/summary.csv: not a summary written by vlp eval run" in capsys.readouterr().out
+    (out / "summary.csv").write_text(csv_summary)
+    Image.new("RGB", (4, 4)).save(png)
+    theirs = png.read_bytes()
+    assert main(rerun) == 1
+    assert (f"/ colours: {png}: not a figure written by vlpretrain; not replaced: move it away or choose "
+            "another --out") in capsys.readouterr().out
+    assert png.read_bytes() == theirs and not (out / "colours.json").exists()
+    png.write_bytes(ours)
+    os.utime(png, (0, 0))
+    assert main(rerun) == 0 and (out / "colours.json").exists() and png.stat().st_mtime > 0  # redrawn
+    # Beside one of our results, a figure without our mark was drawn with it (by an earlier version): redrawn.
+    Image.new("RGB", (4, 4)).save(png)
+    assert main(rerun[:-1]) == 0 and is_our_figure(png)
 
 
 def test_recall_k_matches_a_direct_computation(model, benchmark):

@@ -10,7 +10,8 @@ import stat
 
 import pytest
 
-from vlpretrain.io import atomic_write, read_manifest, write_folder_atomically, write_json, write_text
+from vlpretrain.io import (atomic_write, is_our_figure, read_manifest, save_figure, write_folder_atomically, write_json,
+                           write_text)
 
 
 @pytest.fixture
@@ -119,3 +120,17 @@ def test_write_folder_atomically_leaves_the_folder_intact_when_write_fails(tmp_p
     assert (out / "a.txt").read_text() == "old"
     assert not [p.name for p in tmp_path.iterdir() if re.search(r"\.tmp-", p.name)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_our_figures_are_told_from_other_files(tmp_path):
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+    assert is_our_figure(save_figure(fig, tmp_path / "ours.png"))
+    fig.savefig(tmp_path / "matplotlib.png")  # the same library, not written by us
+    Image.new("RGB", (2, 2)).save(tmp_path / "pil.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert [is_our_figure(tmp_path / n) for n in ("matplotlib.png", "pil.png", "notes.png", "missing.png")] == [
+        False, False, False, False]

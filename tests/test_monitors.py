@@ -190,3 +190,17 @@ def test_collapse_is_not_called_on_too_few_rows_to_show_it(caplog):
     monitor.close()
     assert [r.getMessage()[:40] for r in caplog.records] == ["text embeddings have collapsed at step 3",
                                                              "image embeddings have collapsed at step "]
+
+
+def test_a_tiny_validation_set_is_not_called_collapsed(tmp_path, caplog):
+    """Two validation images have an effective rank of at most 1 whatever the model: too few to call collapse."""
+    from vlpretrain.training.trainer import train as run_training
+
+    train_csv = write_image_csv(tmp_path / "data", 16)
+    val_csv = write_image_csv(tmp_path / "val", 2, seed=1)
+    recipe = tiny_recipe(tmp_path / "run", train_csv, val_data=val_csv, batch_size=8, monitor_every=2)
+    with caplog.at_level(logging.WARNING, logger="vlpretrain"):
+        run_training(recipe_from_dict(recipe))
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
+    validation = [r for r in read_metrics(tmp_path / "run") if r.get("split") == "val"]
+    assert validation and all(r["monitor/rows"] == 2 and r["monitor/erank_image"] < 1.01 for r in validation)

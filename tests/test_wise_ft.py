@@ -186,3 +186,7 @@ def test_cli_alpha_and_sweep(checkpoints, suite, tmp_path, capsys):
         f"vlp wise-ft: error: --out {tmp_path / 'busy'}: exists and is not a vlpretrain checkpoint folder; "
         f"choose a new folder")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    rc = main(["wise-ft", *models, "--sweep", "0,1", "--suite", str(suite), "--out", str(tmp_path / "busy")])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        f"vlp wise-ft: error: --out {tmp_path / 'busy'}: exists and is not a wise-ft sweep folder; choose a new folder")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]

@@ -24,6 +24,13 @@ pairs/s, peak RSS and PSS of the process tree (and on a GPU ``torch.cuda.max_mem
 trainer logs it), side by side with ratios to the first configuration:
 
     python tools/bench_train.py --effective-batch 1024 --micro-batches 1,8 --grad-checkpointing --steps 10
+
+``--flops`` also counts the model's training FLOPs per pair (forward and backward of both towers, counted once
+on the CPU by torch's ``FlopCounterMode``; the loss's B x B logits are left out) and reports each trainer's
+achieved TFLOP/s; in bf16 on a GPU named in ``PEAK_BF16_TFLOPS`` (or with ``--peak-tflops``) also its model
+FLOPs utilization (MFU), the fraction of the card's dense bf16 peak:
+
+    python tools/bench_train.py --device cuda --precision amp_bf16 --model-config ViT-B-32.json --flops
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ DEFAULT_MODEL = {
 # torch.cuda.max_memory_allocated as the trainer logs it in metrics.jsonl (GPU_MEMORY_FIELD), when it does.
 GPU_MEMORY_FIELD = "max_memory_allocated_mib"
 MEMORY_KEYS = ("peak_memory_mib", "peak_pss_mib", "gpu_peak_memory_mib")
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, for --flops' MFU; a card
+# matches the longest name it contains ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H200 NVL": 835.5, "H100": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.5,
+                    "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0}
 _MEMORY_LABELS = {"peak_memory_mib": "RSS MiB", "peak_pss_mib": "PSS MiB", "gpu_peak_memory_mib": "GPU MiB"}
 
 
@@ -274,6 +285,52 @@ def bench_against_open_clip(args, model_dir: Path, work: Path, env: dict) -> dic
     return report
 
 
+def training_flops_per_pair(model_cfg: dict, batch: int = 2) -> float:
+    """FLOPs of one training step per image-text pair of the open_clip ``CLIP`` built from ``model_cfg``: the
+    forward of both towers (``encode_image`` and ``encode_text``) and its backward, as torch's ``FlopCounterMode``
+    counts them (matmuls, convolutions, attention) on ``batch`` pairs on the CPU, divided by ``batch``. The loss's
+    B x B logits are not counted (under 0.1% at B = 256 for a ViT-B/32).
+
+    Example: ``training_flops_per_pair(DEFAULT_MODEL) / 1e9``  (GFLOPs per pair)
+    """
+    import open_clip
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**model_cfg)
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    images = torch.randn(batch, 3, vision["image_size"], vision["image_size"])
+    tokens = torch.randint(0, text.get("vocab_size", 49408), (batch, text.get("context_length", 77)))
+    # The math kernel of attention is made of matmuls the counter sees; a fused CPU kernel may not be counted.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        (model.encode_image(images).sum() + model.encode_text(tokens).sum()).backward()
+    return counter.get_total_flops() / batch
+
+
+def peak_bf16_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of the card whose name is the longest ``PEAK_BF16_TFLOPS`` key in ``device_name``.
+
+    Example: ``peak_bf16_tflops("NVIDIA H100 PCIe")``  (756.0; None for a card not listed)
+    """
+    names = [name for name in PEAK_BF16_TFLOPS if name in device_name]
+    return PEAK_BF16_TFLOPS[max(names, key=len)] if names else None
+
+
+def add_flop_utilization(report: dict, flops_per_pair: float, peak_tflops: Optional[float]) -> None:
+    """Adds ``training_flops_per_pair`` and ``peak_tflops`` to ``report`` and to each trainer's result its
+    ``achieved_tflops`` (FLOPs per pair x pairs/s) and, with a known peak, ``model_flops_utilization``.
+
+    Example: ``add_flop_utilization(report, training_flops_per_pair(cfg), peak_bf16_tflops(_gpu_name()))``
+    """
+    report["training_flops_per_pair"] = flops_per_pair
+    report["peak_tflops"] = peak_tflops
+    for result in report["results"].values():
+        result["achieved_tflops"] = flops_per_pair * result["pairs_per_s"] / 1e12
+        result["model_flops_utilization"] = (result["achieved_tflops"] / peak_tflops) if peak_tflops else None
+
+
 def _gpu_name() -> str:
     import torch
 
@@ -317,6 +374,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="with --effective-batch: also run the last --micro-batches count with "
                              "model.grad_checkpointing=true")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count the model's training FLOPs per pair and report each trainer's achieved "
+                             "TFLOP/s and, on a GPU of known peak, its model FLOPs utilization (MFU)")
+    parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                        help="with --flops: the device's peak TFLOP/s for MFU (default with --precision amp_bf16: the "
+                             "dense bf16 peak of a GPU named in PEAK_BF16_TFLOPS; none on a CPU)")
     parser.add_argument("--out", help="results JSON (default results/bench_train.json, or "
                                       "results/bench_train_effective_batch.json with --effective-batch)")
     args = parser.parse_args()
@@ -324,8 +387,12 @@ def parse_args() -> argparse.Namespace:
         bad = [k for k in args.micro_batches if args.effective_batch % k]
         if bad:
             parser.error(f"--effective-batch {args.effective_batch} is not a multiple of --micro-batches {bad[0]}")
+        if args.flops:
+            parser.error("--flops goes with the open_clip_train comparison, not --effective-batch")
     elif args.grad_checkpointing:
         parser.error("--grad-checkpointing needs --effective-batch")
+    if args.peak_tflops is not None and not args.flops:
+        parser.error("--peak-tflops needs --flops")
     default_out = "bench_train.json" if args.effective_batch is None else "bench_train_effective_batch.json"
     args.out = args.out or f"results/{default_out}"
     return args
@@ -343,14 +410,24 @@ def main() -> None:
         model_dir.mkdir()
         (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
         compare = bench_against_open_clip if args.effective_batch is None else bench_effective_batch
+        # Counted first: a model the counter cannot build fails before the (long) benchmark, not after it.
+        flops = training_flops_per_pair(model_cfg) if args.flops else None
         measured = compare(args, model_dir, work, env)
+    if args.flops:
+        # The listed peaks are bf16's: an fp32 run has none unless given one.
+        bf16_on_gpu = args.device == "cuda" and args.precision == "amp_bf16"
+        add_flop_utilization(measured, flops, args.peak_tflops or (peak_bf16_tflops(_gpu_name()) if bf16_on_gpu
+                                                                   else None))
     # Settings the mode did not use stay out of the results file.
     unused = {"out"} | ({"effective_batch", "micro_batches", "grad_checkpointing"} if args.effective_batch is None
                         else {"batch_size"})
     report = {
         "benchmark": "train_throughput" if args.effective_batch is None else "train_effective_batch",
-        "settings": {k: v for k, v in vars(args).items() if k not in unused} | {"model_cfg": model_cfg,
-                                                                                 "data": "synthetic"},
+        # An absolute --model-config (a file inside open_clip's install) is recorded by its name: no machine paths.
+        "settings": {k: v for k, v in vars(args).items() if k not in unused} | {
+            "model_config": args.model_config and (Path(args.model_config).name if Path(args.model_config).is_absolute()
+                                                   else args.model_config),
+            "model_cfg": model_cfg, "data": "synthetic"},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "gpu": _gpu_name() if args.device == "cuda" else None},
         **measured,
@@ -360,6 +437,12 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     if args.effective_batch is None:
         print(json.dumps({k: report[k] for k in ("ratio_pairs_per_s", "ratio_peak_memory")}, indent=2))
+        if args.flops:
+            print(f"training FLOPs per pair: {report['training_flops_per_pair'] / 1e9:.2f} G")
+            for name, result in report["results"].items():
+                mfu = result["model_flops_utilization"]
+                print(f"  {name}: {result['achieved_tflops']:.3f} TFLOP/s"
+                      + (f", MFU {100 * mfu:.1f}% of {report['peak_tflops']:g}" if mfu is not None else ""))
         if "profile" in report:
             print_profile("profile of vlp train", report["profile"])
     else:

@@ -3,6 +3,7 @@
 # (default results/device/). CHECKS picks which run (default: all of them, in this order):
 #   demo       the demo recipe trained on CUDA in bf16 (test retrieval JSON, median samples/s)
 #   bench      tools/bench_train.py on CUDA: pairs/s and torch.cuda.max_memory_allocated, vlp vs open_clip_train
+#   vitb32     the same at open_clip's ViT-B/32 (224 px, batch 256, bf16) with --flops: achieved TFLOP/s and MFU
 #   fsdp       3 steps under FSDP (recipes/accelerate/fsdp.yaml) against DDP on min(2, GPUs) GPUs, fp32:
 #              losses and weights side by side, each run's max_memory_allocated; final/ loads
 #   deepspeed  a 3-step DeepSpeed ZeRO-2 launch (recipes/accelerate/deepspeed-zero2.yaml); skipped with the
@@ -11,7 +12,7 @@
 # deepspeed wheel for that check) and, for demo, .device/emoji-v1 (a built emoji corpus).
 #   CHECKS="fsdp deepspeed" bash tools/device_check.sh
 set -euo pipefail
-CHECKS="${CHECKS:-demo bench fsdp deepspeed}"
+CHECKS="${CHECKS:-demo bench vitb32 fsdp deepspeed}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -40,6 +41,13 @@ if wants bench; then
     # Records pairs/s and max_memory_allocated (GPU) beside peak RSS for both trainers.
     python3 tools/bench_train.py --device cuda --precision amp_bf16 --batch-size 256 --steps 60 --log-every 10 \
         --workers 4 --threads 8 --out "$OUT/bench_train_cuda_bf16.json"
+fi
+
+if wants vitb32; then
+    # A model of the size GPUs are bought for: both trainers' model FLOPs utilization of the card's bf16 peak.
+    VITB32="$(python3 -c "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent / 'model_configs' / 'ViT-B-32.json')")"
+    python3 tools/bench_train.py --device cuda --precision amp_bf16 --model-config "$VITB32" --batch-size 256 \
+        --steps 60 --log-every 10 --workers 8 --threads 8 --flops --out "$OUT/bench_train_vitb32_cuda_bf16.json"
 fi
 
 # A tiny corpus and a 3-step recipe (tests/helpers.py builds both in a second).

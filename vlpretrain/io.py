@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 __all__ = [
-    "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "read_json", "read_manifest", "temp_folder_beside",
+    "atomic_write", "write_text", "write_json", "write_csv", "save_figure", "FIGURE_SOFTWARE", "is_our_figure",
+    "read_json", "read_manifest", "temp_folder_beside",
     "replace_folder", "write_folder_atomically", "old_sibling", "fsync_folder", "check_replaceable",
     "folder_lock",
 ]
@@ -132,14 +133,36 @@ def write_csv(path: PathLike, header: Sequence[Any], rows: Sequence[Sequence[Any
     return write_text(path, buffer.getvalue())
 
 
+# The PNG "Software" text chunk of every figure we write: how a rerun knows a figure it may replace is ours.
+FIGURE_SOFTWARE = "vlpretrain"
+
+
 def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> Path:
-    """Save a matplotlib figure as a PNG atomically.
+    """Save a matplotlib figure as a PNG atomically, marked as ours (``FIGURE_SOFTWARE``, see
+    :func:`is_our_figure`).
 
     Example:
         >>> save_figure(fig, "results/curve.png", dpi=100)
         PosixPath('results/curve.png')
     """
+    savefig_kwargs["metadata"] = {**(savefig_kwargs.get("metadata") or {}), "Software": FIGURE_SOFTWARE}
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+
+
+def is_our_figure(path: PathLike) -> bool:
+    """Whether ``path`` is a PNG written by :func:`save_figure` (its "Software" chunk); False for any other
+    file, PNG or not.
+
+    Example: ``is_our_figure("runs/eval/emoji.confusion.png")``
+    """
+    from PIL import Image
+
+    try:
+        # Opening reads the chunks before the pixels (matplotlib writes its text there): nothing is decoded.
+        with Image.open(path) as image:
+            return image.info.get("Software") == FIGURE_SOFTWARE
+    except Exception:  # noqa: BLE001 - any file Pillow cannot read (damaged, a decompression bomb) is not ours
+        return False
 
 
 def read_json(path: PathLike, advice: str = "") -> Any:

@@ -83,6 +83,9 @@ def run(args) -> int:
 
     if not args.suite:
         raise ValueError("--sweep needs --suite (an evaluation suite YAML, e.g. eval/suites/demo.yaml)")
+    # The sweep writes summaries, figures and alpha_* folders there: never into a folder of someone else's.
+    check_replaceable(args.out, ["wise_ft.json"], "wise-ft sweep folder", "choose a new folder",
+                      name=f"--out {args.out}")
     summary = wise_ft_sweep(args.zeroshot, args.finetuned, parse_alphas(args.sweep), args.suite, args.out,
                             keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
     for task, best in summary["best"].items():

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from ..io import write_json
+from ..io import is_our_figure, write_json
 from ..progress import progress_bar
 from .results_table import read_result
-from .suite import CLIP_TASK_NAMES, SuiteResult, load_suite, run_task, task_line, write_summary
+from .suite import (CLIP_TASK_NAMES, SuiteResult, load_suite, run_task, summary_header_lines, task_line,
+                    write_summary)
 
 __all__ = ["ModelEntry", "BenchmarkOutcome", "TEMPLATE_FIELDS", "parse_models", "read_models_file",
            "model_slug", "file_safe", "run_benchmark", "format_summary"]
@@ -160,6 +161,31 @@ def _refusal(path: Path) -> Optional[str]:
     return None
 
 
+def _figure_refusal(png: Path, beside_our_result: bool) -> Optional[str]:
+    """Why a confusion matrix may not be drawn to ``png`` (a file there that we did not write), or None.
+    ``beside_our_result``: one of our results is there under the same name, so the figure was drawn with it
+    (figures from before they were marked carry only matplotlib's own mark)."""
+    if not (png.exists() or png.is_symlink()) or beside_our_result or is_our_figure(png):
+        return None
+    return f"{png}: not a figure written by vlpretrain; not replaced: move it away or choose another --out"
+
+
+def _summary_refusal(folder: Path) -> Optional[str]:
+    """Why a model's ``summary.md`` / ``summary.csv`` may not be written in ``folder`` (a file there that is
+    not a summary of ours), or None."""
+    for name, (line, head) in summary_header_lines().items():
+        path = folder / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        if len(lines) <= line or lines[line] != head:
+            return f"{path}: not a summary written by vlp eval run; not replaced: move it away or choose another --out"
+    return None
+
+
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
@@ -198,7 +224,13 @@ def run_benchmark(suite_path: Union[str, Path], models: Sequence[ModelEntry], ou
                                                                            ("load_clf", load_clf))}
             for key, f in fields.items()}
     for entry in models:
-        todo = _plan(entry.name, tasks, paths, skip_existing, outcome)
+        todo = _plan(entry.name, tasks, paths, skip_existing, outcome, summary_folders)
+        if todo and summary_folders:
+            refusal = _summary_refusal(paths[(entry.name, tasks[0]["name"])].parent)
+            if refusal is not None:
+                outcome.failed.update({(entry.name, t["name"]): refusal for t in todo})
+                print(f"FAILED {entry.name}: {refusal}")
+                continue
         if not todo:
             continue
         try:
@@ -250,16 +282,21 @@ def run_benchmark(suite_path: Union[str, Path], models: Sequence[ModelEntry], ou
 
 
 def _plan(name: str, tasks: Sequence[dict], paths: dict[tuple[str, str], Path], skip_existing: bool,
-          outcome: BenchmarkOutcome) -> list[dict]:
+          outcome: BenchmarkOutcome, summary_folders: bool = False) -> list[dict]:
     """The tasks to run for model ``name``: not those whose result exists (``skip_existing``), nor those whose
-    path holds a file that is not a result (named as failed: a user's file is never replaced)."""
+    path holds a file that is not a result, nor (``summary_folders``) those whose confusion PNG's path holds a
+    file we did not write (named as failed: a user's file is never replaced)."""
     todo = []
     for t in tasks:
         key, path = (name, t["name"]), paths[(name, t["name"])]
         if skip_existing and path.is_file():
             outcome.existing[key] = path
             print(f"{name} / {t['name']}: exists, skipped ({path})")
-        elif (refusal := _refusal(path)) is not None:
+            continue
+        refusal = _refusal(path)
+        if refusal is None and summary_folders and t["task"] == "zeroshot":  # the one kind that draws a figure
+            refusal = _figure_refusal(path.with_suffix(".confusion.png"), beside_our_result=path.exists())
+        if refusal is not None:
             outcome.failed[key] = refusal
             print(f"FAILED {name} / {t['name']}: {refusal}")
         else:

@@ -166,10 +166,19 @@ def _pct(value: Optional[float]) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
+# The columns of summary.csv / summary.md: one table for every kind, classification rows leave the
+# retrieval columns empty and back.
+SUMMARY_HEADER = ["task", "kind", "dataset", "images", "classes", "acc1", "acc5", "mean_per_class_recall", "chance",
+                  "template_min", "template_max", "text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1"]
+
+
+def summary_header_lines() -> dict[str, tuple[int, str]]:
+    """Where each summary file's header is (line index) and what it reads: how a rerun knows they are ours."""
+    return {"summary.csv": (0, ",".join(SUMMARY_HEADER)), "summary.md": (2, "| " + " | ".join(SUMMARY_HEADER) + " |")}
+
+
 def write_summary(result: SuiteResult, suite_name: str, model_name: str, out_dir: Path) -> None:
-    # One table for every kind: classification rows leave the retrieval columns empty and back.
-    header = ["task", "kind", "dataset", "images", "classes", "acc1", "acc5", "mean_per_class_recall", "chance",
-              "template_min", "template_max", "text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1"]
+    header = SUMMARY_HEADER
     rows = []
     for name, report in result.results.items():
         m = report["metrics"]

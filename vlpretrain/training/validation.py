@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 def validate(model: torch.nn.Module, corpus: Any, batch_size: int, accelerator: Optional["Accelerator"] = None,
              progress: bool = False, monitors: bool = False) -> dict[str, float]:
     """Val loss (contrastive, in consecutive blocks of ``batch_size``) and exact retrieval recall; with
-    ``monitors``, also the embedding monitors of the whole set (:func:`~vlpretrain.training.monitors.embedding_stats`).
+    ``monitors``, also the embedding monitors of the whole set (:func:`~vlpretrain.training.monitors.embedding_stats`)
+    and ``monitor/rows``, how many images they came from.
 
     Example:
         >>> metrics = validate(model, open_named_corpus("emoji:val", DataConfig()), batch_size=128)
@@ -57,6 +58,7 @@ def validate(model: torch.nn.Module, corpus: Any, batch_size: int, accelerator: 
         from .monitors import embedding_stats
 
         metrics.update(embedding_stats(images, texts, owner))
+        metrics["monitor/rows"] = len(images)
     return metrics
 
 
@@ -79,6 +81,7 @@ def validate_at_epoch_end(run: "PreparedRun", log: "RunLog", step: int, epoch: i
         val = validate(run.scored, run.val_corpus, tc.batch_size, accelerator, monitors=watched)
         log.write_validation(val, step, epoch)
         if watched:
-            monitor.check(val, step, where="the validation set")
+            # a validation set of a few images has a small effective rank without having collapsed
+            monitor.check(val, step, where="the validation set", rows=val["monitor/rows"])
     accelerator.wait_for_everyone()
     run.model.train()

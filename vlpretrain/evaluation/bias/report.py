@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Union
 
-from ...io import atomic_write, write_json, write_text
+from ...io import save_figure, write_json, write_text
 
 __all__ = ["write_bias_report", "summary_markdown", "plot_bias_report"]
 
@@ -183,8 +183,7 @@ def plot_bias_report(report: dict, path: Union[str, Path]) -> Path:
                  f"(p < {m['alpha']}) but no more than for {_control_kind(m)} texts; bars: 95% bootstrap intervals", fontsize=9)
     fig.tight_layout()
     try:
-        # format: the temporary file's name does not end in .png
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+        return save_figure(fig, path, dpi=90)
     finally:
         plt.close(fig)
 
