@@ -21,8 +21,8 @@ from vlpretrain.evaluation.benchmark_run import ModelEntry, parse_models, read_m
 from vlpretrain.evaluation.retrieval import retrieval_metrics
 from vlpretrain.evaluation.tasks import evaluate_retrieval, evaluate_zeroshot
 from vlpretrain.inference import encode_corpus, inference_precision
-from vlpretrain.models import build_model
 from vlpretrain.io import is_our_figure
+from vlpretrain.models import build_model
 
 from helpers import tiny_model_config
 

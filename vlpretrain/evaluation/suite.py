@@ -178,7 +178,6 @@ def summary_header_lines() -> dict[str, tuple[int, str]]:
 
 
 def write_summary(result: SuiteResult, suite_name: str, model_name: str, out_dir: Path) -> None:
-    header = SUMMARY_HEADER
     rows = []
     for name, report in result.results.items():
         m = report["metrics"]
@@ -191,8 +190,9 @@ def write_summary(result: SuiteResult, suite_name: str, model_name: str, out_dir
         rows.append([name, report["task"], report["dataset"], m["num_samples"], m["num_classes"], _pct(m["acc1"]),
                      _pct(m["acc5"]), _pct(m["mean_per_class_recall"]), _pct(1 / m["num_classes"]),
                      _pct(spread.get("min")), _pct(spread.get("max")), "", "", ""])
-    write_csv(out_dir / "summary.csv", header, rows)
-    lines = [f"# {suite_name}: {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    write_csv(out_dir / "summary.csv", SUMMARY_HEADER, rows)
+    markdown_header = summary_header_lines()["summary.md"][1]
+    lines = [f"# {suite_name}: {model_name}", "", markdown_header, "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     for name, reason in result.skipped.items():
         lines.append(f"\nskipped {name}: {reason}")
